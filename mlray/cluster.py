@@ -1,0 +1,110 @@
+"""Connecting to Ray: an existing cluster when there is one, else a local one started on demand.
+
+Every Ray process mlray starts gets :func:`mlray.settings.ray_process_env`, so the auth mode, the MLflow
+store and the Train settings are the same in the driver, the workers and the Serve replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlray import settings
+from mlray.errors import MlrayError
+
+logger = logging.getLogger(__name__)
+
+DASHBOARD_PORT = 8265
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    address: str
+    dashboard_url: str
+    started_here: bool
+
+
+def apply_env() -> None:
+    """Give this process (and the Ray processes it starts) mlray's environment, without overriding."""
+    for key, value in settings.ray_process_env().items():
+        os.environ.setdefault(key, value)
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect this process to Ray: ``address``, ``$RAY_ADDRESS``, a running local cluster, or a new one.
+
+    A new one lives only as long as this process (use :func:`start_head` for one that outlives it).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    apply_env()
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        ray.init(address=target, log_to_driver=True)
+        return
+    try:
+        ray.init(address="auto")
+        logger.info("Connected to the running local Ray cluster")
+    except ConnectionError:
+        logger.info("No Ray cluster running: starting one for this process")
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+
+
+def _record() -> Path:
+    return settings.home() / "cluster.json"
+
+
+def _ray_cli() -> str:
+    found = Path(sys.executable).with_name("ray")
+    return str(found) if found.exists() else (shutil.which("ray") or "ray")
+
+
+def start_head(*, num_cpus: int | None = None, dashboard_port: int = DASHBOARD_PORT) -> HeadInfo:
+    """Start (or find) a local head that outlives this process, with its dashboard on 127.0.0.1."""
+    record = _record()
+    if record.exists():
+        info = json.loads(record.read_text())
+        if subprocess.run([_ray_cli(), "status", "--address", info["address"]], capture_output=True,
+                          env={**os.environ, **settings.ray_process_env()}, timeout=60).returncode == 0:
+            return HeadInfo(info["address"], info["dashboard_url"], started_here=False)
+        record.unlink()
+    cmd = [_ray_cli(), "start", "--head", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+           "--disable-usage-stats"]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    env = {**os.environ, **settings.ray_process_env()}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    if done.returncode != 0:
+        raise MlrayError(f"`ray start --head` failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    address = _gcs_address_from(done.stdout + done.stderr)
+    info = HeadInfo(address=address, dashboard_url=f"http://127.0.0.1:{dashboard_port}", started_here=True)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"address": info.address, "dashboard_url": info.dashboard_url}))
+    logger.info("Started a local Ray head at %s (dashboard %s)", info.address, info.dashboard_url)
+    return info
+
+
+def _gcs_address_from(output: str) -> str:
+    for line in output.splitlines():
+        if "--address=" in line:
+            return line.split("--address=", 1)[1].split()[0].strip("'\"")
+    return "auto"
+
+
+def stop_head() -> bool:
+    """Stop the local head that :func:`start_head` started; returns whether one was stopped."""
+    record = _record()
+    if not record.exists():
+        return False
+    env = {**os.environ, **settings.ray_process_env()}
+    subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, env=env, timeout=120)
+    record.unlink()
+    return True

@@ -1,0 +1,232 @@
+"""The worker side of training: one epoch, evaluation, checkpoint save and restore.
+
+``train_loop_per_worker`` runs on every Ray Train worker. It starts by asking "is there a checkpoint to
+resume from?" and ends every epoch with a report, so a restart after a failure takes the normal path.
+The step functions below take plain iterables of ``(x, y)`` tensors and run without Ray in unit tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mlray.models import Classifier, ModelSpec, build
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "train_state.pt"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What every worker needs; travels to workers as a plain dict (``train_loop_config``)."""
+
+    model: dict[str, Any]
+    mean: list[float]
+    std: list[float]
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    seed: int
+    tracking_uri: str | None = None
+    run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EpochStats:
+    """Sums over one pass; added up across workers before they become metrics."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    count: int = 0
+
+    def all_reduce(self) -> EpochStats:
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        packed = torch.tensor([self.loss_sum, float(self.correct), float(self.count)], dtype=torch.float64)
+        dist.all_reduce(packed)
+        return EpochStats(float(packed[0]), int(packed[1]), int(packed[2]))
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.count, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.count, 1)
+
+
+def unwrap(model: nn.Module) -> Classifier:
+    inner = getattr(model, "module", model)  # DDP keeps the model in .module
+    assert isinstance(inner, Classifier)
+    return inner
+
+
+def train_epoch(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> EpochStats:
+    """One pass over the worker's shard. Gradients are averaged across workers by DDP in backward()."""
+    model.train()
+    stats = EpochStats()
+    loss_fn = nn.CrossEntropyLoss()
+    for x, y in batches:  # x: (B, F) float32, y: (B,) int64
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x)  # (B, K)
+        loss = loss_fn(logits, y)
+        loss.backward()
+        optimizer.step()
+        stats.loss_sum += float(loss.detach()) * len(y)
+        stats.correct += int((logits.argmax(dim=1) == y).sum())
+        stats.count += len(y)
+    return stats
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, num_classes: int | None = None
+) -> tuple[EpochStats, torch.Tensor | None]:
+    """Loss and accuracy over a shard, and a (K, K) confusion matrix (rows: truth) when asked."""
+    net = unwrap(model)  # evaluation needs no gradient sync, so skip DDP's wrapper
+    net.eval()
+    stats = EpochStats()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64) if num_classes else None
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    for x, y in batches:
+        logits = net(x)
+        pred = logits.argmax(dim=1)
+        stats.loss_sum += float(loss_fn(logits, y))
+        stats.correct += int((pred == y).sum())
+        stats.count += len(y)
+        if confusion is not None:
+            confusion += torch.bincount(y * num_classes + pred, minlength=num_classes**2).view(  # type: ignore[operator]
+                num_classes, num_classes
+            ).cpu()
+    return stats, confusion
+
+
+def new_training_state(cfg: LoopConfig) -> tuple[Classifier, torch.optim.Optimizer, Any]:
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank, and on every rerun
+    model = build(ModelSpec.from_dict(cfg.model))
+    model.standardize.fit(cfg.mean, cfg.std)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    return model, optimizer, scheduler
+
+
+def save_state(
+    folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
+    history: list[dict[str, float]],
+) -> None:
+    """Everything needed to continue exactly after ``epoch``: weights, optimizer, schedule, RNG, history."""
+    torch.save(
+        {
+            "model": unwrap(model).state_dict(),
+            "model_spec": unwrap(model).spec.to_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "history": history,
+            "torch_rng": torch.get_rng_state(),
+        },
+        folder / STATE_FILE,
+    )
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    # weights_only: a checkpoint holds tensors and plain containers; nothing in it may run code on load.
+    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _batches(shard: Any, *, batch_size: int, device: torch.device, shuffle_seed: int | None = None
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    shuffle = {"local_shuffle_buffer_size": batch_size * 8, "local_shuffle_seed": shuffle_seed} if shuffle_seed is not None else {}
+    for batch in shard.iter_torch_batches(
+        batch_size=batch_size, dtypes={"x": torch.float32, "y": torch.int64}, device=device, **shuffle
+    ):
+        yield batch["x"], batch["y"]
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point; returns the test metrics and confusion matrix (rank 0's value is kept)."""
+    import ray.train
+    import ray.train.torch
+
+    from mlray.tracking import EpochLogger
+
+    cfg = LoopConfig(**config)
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    model, optimizer, scheduler = new_training_state(cfg)
+    start_epoch, history = 0, []
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_state(Path(folder))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, history = state["epoch"] + 1, list(state["history"])
+        logger.info("Rank %d resuming from the checkpoint of epoch %d", rank, state["epoch"])
+
+    model = ray.train.torch.prepare_model(model)
+    epoch_logger = EpochLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 and cfg.run_id else None
+    if epoch_logger is not None:
+        epoch_logger.sync(history)  # fill in epochs a failed attempt checkpointed but did not log
+
+    shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val", "test")}
+    for epoch in range(start_epoch, cfg.epochs):
+        train_stats = train_epoch(
+            model, optimizer, _batches(shards["train"], batch_size=cfg.batch_size, device=device,
+                                       shuffle_seed=cfg.seed * 1000 + epoch)
+        ).all_reduce()
+        val_stats, _ = evaluate(model, _batches(shards["val"], batch_size=1024, device=device))
+        val_stats = val_stats.all_reduce()
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_stats.loss,
+            "train_accuracy": train_stats.accuracy,
+            "val_loss": val_stats.loss,
+            "val_accuracy": val_stats.accuracy,
+            "lr": scheduler.get_last_lr()[0],
+        }
+        scheduler.step()
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as folder:
+            saved = None
+            if rank == 0:
+                save_state(Path(folder), model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                           history=history)
+                saved = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=saved)
+        if epoch_logger is not None:
+            epoch_logger.log_epoch(metrics)  # after the checkpoint is stored: a retry never logs twice
+
+    num_classes = ModelSpec.from_dict(cfg.model).num_classes
+    test_stats, confusion = evaluate(model, _batches(shards["test"], batch_size=1024, device=device),
+                                     num_classes=num_classes)
+    test_stats = test_stats.all_reduce()
+    assert confusion is not None
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(confusion)
+    return {
+        "test_loss": test_stats.loss,
+        "test_accuracy": test_stats.accuracy,
+        "test_count": test_stats.count,
+        "confusion": confusion.tolist(),
+        "history": history,
+    }
