@@ -89,6 +89,8 @@ def find_model_dir(root: Path) -> Path:
     for candidate in (root, root / "artifacts" / ARTIFACT_KEY, root / ARTIFACT_KEY):
         if (candidate / META_FILE).is_file():
             return candidate
+    for found in sorted(root.rglob(META_FILE)):
+        return found.parent
     raise ModelLoadError(f"{root} holds no {META_FILE}: not a model logged by mlray")
 
 
@@ -118,20 +120,3 @@ def load_model_dir(folder: Path, *, expected_sha256: str | None = None) -> Loade
     model.eval()
     return LoadedModel(model=model, feature_names=list(meta["feature_names"]),
                        class_names=list(meta["class_names"]), meta=meta)
-
-
-try:  # the pyfunc flavour, so that `mlflow models serve` and mlflow.pyfunc.load_model work too
-    import mlflow.pyfunc
-
-    class MlrayPyfunc(mlflow.pyfunc.PythonModel):
-        """MLflow pyfunc wrapper: predict() returns class probabilities, shape (N, K)."""
-
-        def load_context(self, context: Any) -> None:
-            self._loaded = load_model_dir(Path(context.artifacts[ARTIFACT_KEY]))
-
-        def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
-            x = model_input.to_numpy() if hasattr(model_input, "to_numpy") else np.asarray(model_input)
-            return self._loaded.predict_proba(x.astype(np.float32))
-
-except ImportError:  # pragma: no cover - mlflow is a hard dependency; this only keeps the module importable
-    pass

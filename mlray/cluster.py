@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -93,10 +94,11 @@ def start_head(*, num_cpus: int | None = None, dashboard_port: int = DASHBOARD_P
 
 
 def _gcs_address_from(output: str) -> str:
-    for line in output.splitlines():
-        if "--address=" in line:
-            return line.split("--address=", 1)[1].split()[0].strip("'\"")
-    return "auto"
+    """The GCS address from `ray start`'s "ray start --address='IP:PORT'" hint (colour codes and all)."""
+    found = re.search(r"--address='?([0-9A-Za-z.\-\[\]:]+:\d+)", output)
+    if found is None:
+        raise MlrayError(f"could not find the head's address in `ray start`'s output:\n{output[-1000:]}")
+    return found.group(1)
 
 
 def stop_head() -> bool:

@@ -60,8 +60,8 @@ def _split_ids(u: np.ndarray, val: float, test: float) -> np.ndarray:
 
 def _hash_uniform(keys: np.ndarray, seed: int) -> np.ndarray:
     """Uniform numbers in [0, 1) from uint64 keys: a seeded splitmix64, the same on every machine."""
-    z = keys.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore"):  # wrapping uint64 arithmetic is the point
+        z = keys.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
@@ -93,11 +93,17 @@ def _fingerprint(*parts: bytes) -> str:
     return digest.hexdigest()
 
 
+def _memory_split(cfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], list[str]]:
+    """A bundled dataset with each row's split id (0 train, 1 val, 2 test) from a seeded generator."""
+    x, y, features, classes = _bundled(cfg.source)
+    split = _split_ids(np.random.default_rng(seed).random(len(y)), cfg.val_fraction, cfg.test_fraction)
+    return x, y, split, features, classes
+
+
 def _from_memory(cfg: DataConfig, seed: int) -> PreparedData:
     import ray.data
 
-    x, y, features, classes = _bundled(cfg.source)
-    split = _split_ids(np.random.default_rng(seed).random(len(y)), cfg.val_fraction, cfg.test_fraction)
+    x, y, split, features, classes = _memory_split(cfg, seed)
     train_x = x[split == 0]
     spec = DatasetSpec(
         name=cfg.source,
@@ -249,3 +255,11 @@ def prepare(cfg: DataConfig, *, seed: int) -> PreparedData:
         prepared.spec.fingerprint[:12],
     )
     return prepared
+
+
+def sample_test_rows(cfg: DataConfig, *, seed: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """A few rows of a bundled dataset's test split (the same split training used), for demos."""
+    if cfg.source not in ("digits", "breast_cancer"):
+        raise DataError(f"sample rows are available for bundled datasets, not {cfg.source!r}")
+    x, y, split, _, _ = _memory_split(cfg, seed)
+    return x[split == 2][:count], y[split == 2][:count]

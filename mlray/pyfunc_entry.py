@@ -1,7 +1,27 @@
-"""MLflow "models from code" entry: the pyfunc model is defined here, not pickled into the artifact."""
+"""MLflow "models from code" entry: the pyfunc model is defined here and logged as source, not pickled.
+
+MLflow executes this file when it loads the model (``mlflow.pyfunc.load_model``, ``mlflow models
+serve``); mlray's own serving path does not use it and reads the weights with :mod:`mlray.artifact`.
+"""
+
+from pathlib import Path
 
 import mlflow.models
+import mlflow.pyfunc
 
-from mlray.artifact import MlrayPyfunc
+from mlray.artifact import ARTIFACT_KEY, load_model_dir
+
+
+class MlrayPyfunc(mlflow.pyfunc.PythonModel):
+    """predict() returns class probabilities, shape (N, K)."""
+
+    def load_context(self, context):  # type: ignore[no-untyped-def]
+        self._loaded = load_model_dir(Path(context.artifacts[ARTIFACT_KEY]))
+
+    # No type hints on purpose: MLflow 3 would read them as a second, conflicting signature.
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+        x = model_input.to_numpy() if hasattr(model_input, "to_numpy") else model_input
+        return self._loaded.predict_proba(x)
+
 
 mlflow.models.set_model(MlrayPyfunc())

@@ -165,7 +165,7 @@ def log_model(run_id: str, model_dir: Path, *, feature_names: list[str], example
     import torch
     from mlflow.models import infer_signature
 
-    from mlray.artifact import load_model_dir
+    from mlray.artifact import ARTIFACT_KEY, load_model_dir
 
     mlflow.set_tracking_uri(tracking_uri or settings.tracking_uri())
     frame = pd.DataFrame(np.asarray(example, dtype=np.float64), columns=feature_names)
@@ -177,7 +177,7 @@ def log_model(run_id: str, model_dir: Path, *, feature_names: list[str], example
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
-            artifacts={"mlray_model": str(model_dir)},
+            artifacts={ARTIFACT_KEY: str(model_dir)},
             signature=infer_signature(frame, probabilities),
             input_example=frame.head(2),
             pip_requirements=requirements,

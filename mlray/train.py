@@ -74,7 +74,7 @@ def train(cfg: JobConfig, *, run_name: str | None = None, address: str | None = 
     """Train, record and register one model version; see the module docstring."""
     import torch
 
-    from mlray.artifact import write_model_dir
+    from mlray.artifact import ARTIFACT_KEY, write_model_dir
     from mlray.models import ModelSpec, build
     from mlray.registry import register
 
@@ -122,10 +122,11 @@ def train(cfg: JobConfig, *, run_name: str | None = None, address: str | None = 
         tracking.log_report_artifacts(run_id, history=history, confusion=final["confusion"],
                                       class_names=spec.class_names)
         with tempfile.TemporaryDirectory() as tmp:
-            meta = write_model_dir(Path(tmp) / "model", model=model, feature_names=spec.feature_names,
+            model_folder = Path(tmp) / ARTIFACT_KEY  # MLflow names the artifact after the model_folder
+            meta = write_model_dir(model_folder, model=model, feature_names=spec.feature_names,
                                    class_names=spec.class_names, extra={"run_id": run_id, "data": spec.name})
             example = torch.tensor(spec.mean).unsqueeze(0).repeat(2, 1).numpy()
-            model_uri = tracking.log_model(run_id, Path(tmp) / "model", feature_names=spec.feature_names,
+            model_uri = tracking.log_model(run_id, model_folder, feature_names=spec.feature_names,
                                            example=example)
         version = register(cfg.name, model_uri=model_uri, run_id=run_id, tags={
             **tags, "mlray.weights_sha256": meta["weights_sha256"], "mlray.run_id": run_id,

@@ -1,0 +1,181 @@
+"""The ``mlray`` command: thin Typer commands over library functions that return values."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mlray.errors import MlrayError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train on Ray, track in MLflow, serve on Ray Serve.")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML job config (configs/*.yaml)")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mlray").setLevel(logging.INFO)
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _job_config(config: Path | None, overrides: dict[str, Any]):  # type: ignore[no-untyped-def]
+    from mlray.config import load_config
+
+    return load_config(config, overrides=overrides)
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    epochs: Annotated[int | None, typer.Option(help="override train.epochs")] = None,
+    workers: Annotated[int | None, typer.Option(help="override train.num_workers")] = None,
+    name: Annotated[str | None, typer.Option(help="override the registered model name")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address; default: a running cluster or a new local one")] = None,
+    verbose: bool = False,
+) -> None:
+    """Train data-parallel on Ray, record the run in MLflow, register a new model version."""
+    from mlray.train import train as run_training
+
+    _setup_logging(verbose)
+    try:
+        cfg = _job_config(config, {"train.epochs": epochs, "train.num_workers": workers, "name": name})
+        result = run_training(cfg, address=address)
+    except MlrayError as err:
+        _fail(err)
+    typer.echo(json.dumps({"run_id": result.run_id, "model": result.model_name, "version": result.version,
+                           "metrics": result.metrics}, indent=2))
+
+
+@app.command()
+def promote(
+    name: str,
+    version: Annotated[int, typer.Option(help="the candidate version")],
+    alias: str = "champion",
+    force: Annotated[bool, typer.Option(help="move the alias even if the gate refuses (recorded)")] = False,
+    reason: str = "",
+    config: ConfigOpt = None,
+) -> None:
+    """Move an alias to a version through the promotion gate (metric, direction, min improvement)."""
+    from mlray.registry import promote as do_promote
+
+    _setup_logging(False)
+    try:
+        gate = _job_config(config, {}).registry.gate
+        result = do_promote(name, version=version, alias=alias, gate=gate, force=force, reason=reason)
+    except MlrayError as err:
+        _fail(err)
+    typer.echo(f"{name}@{alias} -> version {result.version} (was {result.previous_version}): {result.reason}")
+
+
+@app.command()
+def models() -> None:
+    """List registered models with their versions, aliases and metrics."""
+    from mlray.registry import list_models
+
+    for model in list_models():
+        aliases = ", ".join(f"@{a}={v}" for a, v in sorted(model["aliases"].items())) or "no aliases"
+        typer.echo(f"{model['name']}  ({aliases})")
+        for v in model["versions"]:
+            acc = v["metrics"].get("test_accuracy")
+            shown = f"test_accuracy={acc:.4f}" if acc is not None else ""
+            typer.echo(f"  v{v['version']:<4} {' '.join('@' + a for a in v['aliases']):<12} run {v['run_id'][:12]}  {shown}")
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Serve YAML (serve_apps/*.yaml)")] = None,
+    model: Annotated[str | None, typer.Option(help="override args.model")] = None,
+    alias: Annotated[str | None, typer.Option(help="override args.alias")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default from the YAML, 8000)")] = None,
+    num_cpus: int = 4,
+) -> None:
+    """Deploy the Serve app on the local cluster (started if needed); it keeps serving until `mlray down`."""
+    from mlray import cluster
+    from mlray.serving.deploy import deploy, load_plan
+
+    _setup_logging(False)
+    try:
+        plan = load_plan(config, overrides={"model": model, "alias": alias}, port=port)
+        head = cluster.start_head(num_cpus=num_cpus)
+        cluster.connect(head.address)
+        url = deploy(plan)
+    except MlrayError as err:
+        _fail(err)
+    typer.echo(f"serving models:/{plan.args['model']}@{plan.args.get('alias')} at {url}")
+
+
+@app.command()
+def predict(
+    model: str,
+    instances: Annotated[str, typer.Option(help="JSON list of rows, or @file.json")],
+    url: str = "http://127.0.0.1:8000",
+) -> None:
+    """Send rows to a served model and print its answer."""
+    from mlray.client import predict as do_predict
+
+    text = Path(instances[1:]).read_text() if instances.startswith("@") else instances
+    try:
+        rows = json.loads(text)
+        typer.echo(json.dumps(do_predict(url, model, rows.get("instances", rows) if isinstance(rows, dict) else rows)))
+    except (MlrayError, json.JSONDecodeError) as err:
+        _fail(err)
+
+
+@app.command()
+def quickstart(
+    config: ConfigOpt = Path("configs/digits.yaml") if Path("configs/digits.yaml").exists() else None,
+    port: Annotated[int | None, typer.Option(help="Serve HTTP port (default 8000)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="override train.epochs")] = None,
+) -> None:
+    """Train, register, promote and serve the digits classifier on a local cluster, then query it."""
+    from mlray.quickstart import quickstart as run
+
+    _setup_logging(False)
+    try:
+        cfg = _job_config(config, {"train.epochs": epochs})
+        result = run(cfg, port=port, progress=lambda m: typer.secho(f"==> {m}", fg=typer.colors.CYAN))
+    except MlrayError as err:
+        _fail(err)
+    model = result.train.model_name
+    typer.echo("\nPredictions for real test images:")
+    for sample in result.samples:
+        typer.echo(f"  true {sample['true']}  predicted {sample['predicted']}  (p={sample['confidence']:.3f})")
+    store = result.tracking_uri
+    typer.echo(f"""
+Test accuracy:   {result.train.test_accuracy:.4f}  (run {result.train.run_id}, version {result.train.version})
+Done in:         {result.seconds:.0f} s
+Ray dashboard:   {result.dashboard_url}
+MLflow UI:       mlflow ui --backend-store-uri {store} --host 127.0.0.1 --port 5000
+Endpoint:        {result.url}/v1/models/{model}:predict
+Try it:          curl -s -X POST {result.url}/v1/models/{model}:predict -H 'Content-Type: application/json' \\
+                   -d '{{"instances": [[{", ".join(["0"] * 64)}]]}}'
+Stop everything: mlray down""")
+
+
+@app.command()
+def down() -> None:
+    """Stop what the quickstart / `mlray serve` started: the Serve apps and the local Ray head."""
+    from mlray.quickstart import down as do_down
+
+    _setup_logging(False)
+    typer.echo("stopped the local Ray cluster" if do_down() else "no local cluster started by mlray is running")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

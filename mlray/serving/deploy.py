@@ -1,0 +1,100 @@
+"""Deploying the Serve app from Python (``mlray serve``, the quickstart) with the same YAML as ``serve deploy``.
+
+The YAML is Serve's own config file (``serve_apps/*.yaml``): its ``http_options``, the application's
+``args`` and its ``deployments`` overrides (autoscaling, actor options) are applied here exactly as
+``serve deploy`` applies them, so both paths serve the same thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlray.errors import ConfigError, MlrayError
+from mlray.serving.app import DEPLOYMENT_NAME
+from mlray.serving.config import ServeAppConfig
+
+logger = logging.getLogger(__name__)
+
+
+
+def default_yaml() -> Path:
+    """``serve_apps/digits.yaml``, shipped inside the installed ``serve_apps`` package."""
+    import serve_apps
+
+    return Path(serve_apps.__file__).with_name("digits.yaml")
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    app_name: str
+    route_prefix: str
+    host: str
+    port: int
+    args: dict[str, Any]
+    deployment_options: dict[str, Any]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}{self.route_prefix.rstrip('/')}"
+
+
+def load_plan(path: str | Path | None = None, *, overrides: dict[str, Any] | None = None,
+              host: str | None = None, port: int | None = None) -> ServePlan:
+    """Read a Serve YAML (first application) and apply CLI overrides to its ``args``."""
+    file = Path(path) if path else default_yaml()
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read serve config {str(file)!r}: {err}") from None
+    apps = (raw or {}).get("applications") or []
+    if not apps:
+        raise ConfigError(f"serve config {str(file)!r} has no 'applications'")
+    app = apps[0]
+    args = {**(app.get("args") or {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    try:
+        ServeAppConfig.model_validate(args)
+    except ValueError as err:
+        raise ConfigError(f"serve config {str(file)!r}, applications[0].args: {err}") from None
+    options: dict[str, Any] = {}
+    for deployment in app.get("deployments") or []:
+        if deployment.get("name") == DEPLOYMENT_NAME:
+            options = {k: v for k, v in deployment.items() if k != "name"}
+    http = (raw or {}).get("http_options") or {}
+    return ServePlan(app_name=app.get("name", "default"), route_prefix=app.get("route_prefix", "/"),
+                     host=host or http.get("host", "127.0.0.1"), port=int(port or http.get("port", 8000)),
+                     args=args, deployment_options=options)
+
+
+def deploy(plan: ServePlan, *, timeout_s: float = 180.0) -> str:
+    """Run the app on the connected Ray cluster and wait until it answers; returns its base URL."""
+    import requests
+    from ray import serve
+
+    from mlray.serving.app import build_app
+
+    serve.start(http_options={"host": plan.host, "port": plan.port}, proxy_location="HeadOnly")
+    serve.run(build_app(plan.args, deployment_options=plan.deployment_options), name=plan.app_name,
+              route_prefix=plan.route_prefix)
+    model = plan.args["model"]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if requests.get(f"{plan.url}/v1/models/{model}", timeout=5).status_code == 200:
+                return plan.url
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise MlrayError(f"the Serve app {plan.app_name!r} did not answer at {plan.url} within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def shutdown() -> None:
+    from ray import serve
+
+    serve.shutdown()

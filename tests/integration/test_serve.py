@@ -1,0 +1,113 @@
+"""Acceptance (c) and (e): the Serve app loads @champion from the registry, answers exactly what the
+offline model answers, and turns every kind of bad request into a 4xx without hurting the replica."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import requests
+
+from mlray.config import parse_config
+from mlray.data import sample_test_rows
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def served(trained):
+    from mlray.registry import promote
+    from mlray.serving.deploy import deploy, load_plan
+
+    promote("digits", version=trained.version, alias="champion")
+    url = deploy(load_plan(None, port=free_port()))
+    yield url
+    from ray import serve
+
+    serve.delete("digits")
+
+
+def _predict(url: str, body, **kwargs) -> requests.Response:
+    data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return requests.post(f"{url}/v1/models/digits:predict", data=data, timeout=30, **kwargs)
+
+
+def test_http_predictions_equal_offline_model(served, trained):
+    from mlray.serving.loader import load_registered
+
+    x, _ = sample_test_rows(parse_config({}).data, seed=42, count=64)
+    offline = load_registered("digits", alias="champion").loaded.predict_proba(x)
+    response = _predict(served, {"instances": x.tolist()})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    online = np.asarray(body["predictions"])
+    assert online.shape == (64, 10)
+    np.testing.assert_allclose(online, offline, atol=1e-5)
+    assert body["labels"] == [str(i) for i in offline.argmax(1)]
+    assert body["model_name"] == "digits" and body["model_version"] == trained.version
+    assert response.headers["x-model-version"] == str(trained.version)
+    assert response.headers["x-model-run-id"] == trained.run_id
+
+
+def test_single_rows_sent_together_match_too(served):
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, _ = sample_test_rows(parse_config({}).data, seed=42, count=16)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda row: _predict(served, {"instances": [row.tolist()]}).json(), x))
+    together = np.asarray(_predict(served, {"instances": x.tolist()}).json()["predictions"])
+    np.testing.assert_allclose(np.asarray([a["predictions"][0] for a in answers]), together, atol=1e-5)
+
+
+def test_metadata_and_readiness(served, trained):
+    body = requests.get(f"{served}/v1/models/digits", timeout=10).json()
+    assert body["ready"] is True and body["version"] == trained.version and body["alias"] == "champion"
+    assert body["run_id"] == trained.run_id and body["inputs"]["num_features"] == 64
+    assert body["metrics"]["test_accuracy"] == pytest.approx(trained.test_accuracy)
+    assert requests.get(f"{served}/healthz", timeout=10).json() == {"status": "ok"}
+
+
+ROW = [0.0] * 64
+BAD_REQUESTS = [
+    ("not json", b"{instances: ", 400, "not valid JSON"),
+    ("empty body", b"", 400, "empty"),
+    ("not an object", [ROW], 400, "must be a JSON object"),
+    ("no instances", {"rows": [ROW]}, 422, "no 'instances' field"),
+    ("instances not a list", {"instances": "abc"}, 422, "must be a list of rows"),
+    ("empty list", {"instances": []}, 422, "is empty"),
+    ("row not a list", {"instances": [5]}, 422, "must be a list of 64 numbers"),
+    ("wrong feature count", {"instances": [[1.0] * 63]}, 422, "has 63 features; the model expects 64"),
+    ("non-number", {"instances": [ROW[:-1] + ["x"]]}, 422, "must be a number"),
+    ("boolean", {"instances": [ROW[:-1] + [True]]}, 422, "must be a number, got true"),
+    ("NaN", '{"instances": [[' + ",".join(["0"] * 63 + ["NaN"]) + "]]}", 422, "NaN is not a number"),
+    ("infinity", '{"instances": [[' + ",".join(["0"] * 63 + ["-Infinity"]) + "]]}", 422, "-Infinity"),
+    ("too many rows", {"instances": [ROW] * 1025}, 413, "1025 rows; the limit is 1024"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "status", "message"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request_gets_4xx_naming_the_problem(served, case, body, status, message):
+    response = _predict(served, body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_routing_errors_and_replica_still_answers(served):
+    assert requests.post(f"{served}/v1/models/other:predict", json={"instances": [ROW]}, timeout=10).status_code == 404
+    wrong_method = requests.get(f"{served}/v1/models/digits:predict", timeout=10)
+    assert wrong_method.status_code in (404, 405) and "error" in wrong_method.json()
+    missing = requests.get(f"{served}/v2/nothing", timeout=10)
+    assert missing.status_code == 404 and missing.json() == {"error": "no route GET /v2/nothing"}
+
+    from ray import serve
+
+    status = serve.status().applications["digits"]
+    assert status.status == "RUNNING"
+    replicas = status.deployments["ModelServer"].replica_states
+    assert replicas.get("RUNNING") == 1 and sum(replicas.values()) == 1
+    x, y = sample_test_rows(parse_config({}).data, seed=42, count=20)
+    good = _predict(served, {"instances": x.tolist()})
+    assert good.status_code == 200
+    assert (np.asarray(good.json()["predictions"]).argmax(1) == y).mean() >= 0.9
