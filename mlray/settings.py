@@ -28,7 +28,7 @@ RAY_ENV_DEFAULTS = {
 }
 
 
-def _editable_source_root() -> Path | None:
+def editable_source_root() -> Path | None:
     """The source checkout mlray is installed from in editable mode, if it is."""
     try:
         text = metadata.distribution("mlray").read_text("direct_url.json")
@@ -51,7 +51,7 @@ def home() -> Path:
     """
     if os.environ.get(HOME_ENV):
         return Path(os.environ[HOME_ENV]).expanduser().resolve()
-    root = _editable_source_root()
+    root = editable_source_root()
     return ((root if root is not None else Path.cwd()) / ".mlray").resolve()
 
 

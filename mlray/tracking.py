@@ -52,21 +52,41 @@ def experiment_id(name: str, *, tracking_uri: str | None = None) -> str:
 def lineage_tags() -> dict[str, str]:
     """Where a run came from: git commit, Ray job id (under `ray job submit`), mlray version."""
     tags = {"mlray.version": __version__}
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=os.environ.get("MLRAY_SOURCE_DIR") or None,
-        )
-        if commit.returncode == 0:
-            tags["git.commit"] = commit.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    job_id = os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID")
-    if os.environ.get("RAY_JOB_SUBMISSION_ID"):
-        tags["ray.job_id"] = os.environ["RAY_JOB_SUBMISSION_ID"]
-    elif job_id:
-        tags["ray.job_id"] = job_id
+    commit = _git_commit()
+    if commit:
+        tags["git.commit"] = commit
+    submission = _ray_job_submission_id()
+    if submission:
+        tags["ray.job_id"] = submission
     return tags
+
+
+def _git_commit() -> str | None:
+    """HEAD of the current directory's repository, else of the checkout mlray is installed from
+    (under `ray job submit` the job runs in a copy of the project without its .git)."""
+    source = settings.editable_source_root()
+    for folder in (None, str(source) if source else None):
+        try:
+            done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                  cwd=folder, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode == 0:
+            return done.stdout.strip()
+    return None
+
+
+def _ray_job_submission_id() -> str | None:
+    """The id `ray job submit` printed (raysubmit_...), from the job config Ray hands the driver."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id") or None
+    except (ValueError, AttributeError):
+        return None
 
 
 class EpochLogger:

@@ -1,0 +1,37 @@
+# The README's two commands: `make quickstart` and `make test`. Both set up the venv first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# On a machine without an NVIDIA GPU take the CPU wheel of torch (an unpinned torch pulls a multi-GB CUDA
+# build); with a GPU, pip resolves torch normally and gets CUDA.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: setup quickstart test test-unit down lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install --quiet "$(TORCH_CPU)"; fi
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+quickstart: setup
+	$(VENV)/bin/mlray quickstart
+
+test: setup
+	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest
+
+test-unit: setup
+	$(VENV)/bin/pytest tests/unit
+
+down:
+	$(VENV)/bin/mlray down
+
+lint: setup
+	$(VENV)/bin/ruff check mlray jobs serve_apps tests
+	$(VENV)/bin/mypy mlray
+
+clean: down
+	rm -rf .mlray
