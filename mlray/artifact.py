@@ -104,7 +104,9 @@ def load_model_dir(folder: Path, *, expected_sha256: str | None = None) -> Loade
     except (OSError, json.JSONDecodeError) as err:
         raise ModelLoadError(f"cannot read {folder / META_FILE}: {err}") from None
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ModelLoadError(f"model format {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+        raise ModelLoadError(
+            f"model format {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelLoadError(f"{weights} is missing")

@@ -18,7 +18,9 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML job
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("mlray").setLevel(logging.INFO)
 
 
@@ -39,7 +41,9 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="override train.epochs")] = None,
     workers: Annotated[int | None, typer.Option(help="override train.num_workers")] = None,
     name: Annotated[str | None, typer.Option(help="override the registered model name")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray address; default: a running cluster or a new local one")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray address; default: a running cluster or a new local one")
+    ] = None,
     verbose: bool = False,
 ) -> None:
     """Train data-parallel on Ray, record the run in MLflow, register a new model version."""
@@ -87,7 +91,8 @@ def models() -> None:
         for v in model["versions"]:
             acc = v["metrics"].get("test_accuracy")
             shown = f"test_accuracy={acc:.4f}" if acc is not None else ""
-            typer.echo(f"  v{v['version']:<4} {' '.join('@' + a for a in v['aliases']):<12} run {v['run_id'][:12]}  {shown}")
+            tags = " ".join("@" + a for a in v["aliases"])
+            typer.echo(f"  v{v['version']:<4} {tags:<12} run {v['run_id'][:12]}  {shown}")
 
 
 @app.command()

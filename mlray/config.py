@@ -22,16 +22,18 @@ class _Strict(BaseModel):
 
 
 class SyntheticConfig(_Strict):
-    rows: int = Field(10_000, ge=10)
-    features: int = Field(16, ge=1)
-    classes: int = Field(2, ge=2)
+    rows: int = Field(default=10_000, ge=10)
+    features: int = Field(default=16, ge=1)
+    classes: int = Field(default=2, ge=2)
 
 
 class DataConfig(_Strict):
-    source: str = Field("digits", description="digits | breast_cancer | synthetic | a CSV/Parquet file or folder")
-    label_column: str | None = Field(None, description="label column of a CSV/Parquet source")
-    val_fraction: float = Field(0.15, gt=0, lt=0.5)
-    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    source: str = Field(
+        default="digits", description="digits | breast_cancer | synthetic | a CSV/Parquet file or folder"
+    )
+    label_column: str | None = Field(default=None, description="label column of a CSV/Parquet source")
+    val_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(default=0.15, gt=0, lt=0.5)
     synthetic: SyntheticConfig = SyntheticConfig()
 
     @model_validator(mode="after")
@@ -47,7 +49,7 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     arch: str = "mlp"
     hidden: tuple[int, ...] = (128, 64)
-    dropout: float = Field(0.1, ge=0, lt=1)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
 
     @field_validator("hidden")
     @classmethod
@@ -58,21 +60,21 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
-    epochs: int = Field(15, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_failures: int = Field(0, ge=-1)
-    storage_path: str | None = Field(None, description="Train checkpoint storage; default <home>/checkpoints")
+    epochs: int = Field(default=15, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_failures: int = Field(default=0, ge=-1)
+    storage_path: str | None = Field(default=None, description="Train checkpoint storage; default <home>/checkpoints")
 
 
 class GateConfig(_Strict):
     metric: str = "test_accuracy"
     direction: Literal["maximize", "minimize"] = "maximize"
-    min_improvement: float = Field(0.0, ge=0)
+    min_improvement: float = Field(default=0.0, ge=0)
 
 
 class RegistryConfig(_Strict):
@@ -80,7 +82,7 @@ class RegistryConfig(_Strict):
 
 
 class JobConfig(_Strict):
-    name: str = Field("digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="registered model name")
+    name: str = Field(default="digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="registered model name")
     experiment: str | None = None
     seed: int = 42
     data: DataConfig = DataConfig()

@@ -15,7 +15,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -208,7 +208,8 @@ def _files(cfg: DataConfig, seed: int) -> PreparedData:
     if label not in columns:
         raise DataError(f"data.label_column {label!r} is not a column of {cfg.source!r}; columns: {columns}")
     features = [c for c in columns if c != label]
-    num_classes = int(raw.max(label)) + 1  # labels are class indices 0..K-1
+    # labels are class indices 0..K-1; max() of one column is a scalar, not the per-column dict
+    num_classes = int(cast(float, raw.max(label))) + 1
 
     def pack(batch: pd.DataFrame) -> dict[str, np.ndarray]:
         x = batch[features].to_numpy(dtype=np.float32)

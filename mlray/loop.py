@@ -110,7 +110,8 @@ def evaluate(
         stats.correct += int((pred == y).sum())
         stats.count += len(y)
         if confusion is not None:
-            confusion += torch.bincount(y * num_classes + pred, minlength=num_classes**2).view(  # type: ignore[operator]
+            assert num_classes is not None  # confusion exists only when num_classes was given
+            confusion += torch.bincount(y * num_classes + pred, minlength=num_classes**2).view(
                 num_classes, num_classes
             ).cpu()
     return stats, confusion
@@ -151,7 +152,11 @@ def load_state(folder: Path) -> dict[str, Any]:
 
 def _batches(shard: Any, *, batch_size: int, device: torch.device, shuffle_seed: int | None = None
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    shuffle = {"local_shuffle_buffer_size": batch_size * 8, "local_shuffle_seed": shuffle_seed} if shuffle_seed is not None else {}
+    shuffle = (
+        {"local_shuffle_buffer_size": batch_size * 8, "local_shuffle_seed": shuffle_seed}
+        if shuffle_seed is not None
+        else {}
+    )
     for batch in shard.iter_torch_batches(
         batch_size=batch_size, dtypes={"x": torch.float32, "y": torch.int64}, device=device, **shuffle
     ):
@@ -169,6 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
+    model: nn.Module  # a Classifier, then DDP-wrapped by prepare_model below
     model, optimizer, scheduler = new_training_state(cfg)
     start_epoch, history = 0, []
 

@@ -44,6 +44,9 @@ class ModelSpec:
 class Standardize(nn.Module):
     """(x - mean) / std with the training split's statistics; constant features pass through centred."""
 
+    mean: torch.Tensor  # buffers registered in __init__
+    std: torch.Tensor
+
     def __init__(self, num_features: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(num_features))

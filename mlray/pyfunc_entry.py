@@ -7,12 +7,12 @@ serve``); mlray's own serving path does not use it and reads the weights with :m
 from pathlib import Path
 
 import mlflow.models
-import mlflow.pyfunc
+from mlflow.pyfunc import PythonModel  # not mlflow.pyfunc.PythonModel: mlflow.pyfunc is a LazyLoader to mypy
 
 from mlray.artifact import ARTIFACT_KEY, load_model_dir
 
 
-class MlrayPyfunc(mlflow.pyfunc.PythonModel):
+class MlrayPyfunc(PythonModel):
     """predict() returns class probabilities, shape (N, K)."""
 
     def load_context(self, context):  # type: ignore[no-untyped-def]

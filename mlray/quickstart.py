@@ -60,7 +60,7 @@ def quickstart(cfg: JobConfig, *, serve_config: str | None = None, port: int | N
     x, y = sample_test_rows(cfg.data, seed=cfg.seed, count=5)
     answer = predict(url, cfg.name, x)
     samples = [{"true": int(t), "predicted": label, "confidence": float(np.max(p))}
-               for t, label, p in zip(y, answer["labels"], answer["predictions"])]
+               for t, label, p in zip(y, answer["labels"], answer["predictions"], strict=True)]
     return QuickstartResult(train=result, promotion=promotion, url=url, dashboard_url=head.dashboard_url,
                             tracking_uri=settings.tracking_uri(), samples=samples,
                             seconds=time.perf_counter() - started)

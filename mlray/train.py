@@ -54,7 +54,8 @@ def _trainer(cfg: JobConfig, loop_cfg: LoopConfig, datasets: dict[str, Any], run
 
     train = cfg.train
     return TorchTrainer(
-        train_loop_per_worker,
+        # Ray types the loop as returning None, but accepts one that returns a value (Result.return_value).
+        train_loop_per_worker,  # type: ignore[arg-type]
         train_loop_config=loop_cfg.to_dict(),
         # gloo on CPUs; NCCL where every worker has a GPU.
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
@@ -112,8 +113,8 @@ def train(cfg: JobConfig, *, run_name: str | None = None, address: str | None = 
         history = final["history"]
         last = history[-1]
         metrics.update({f"final_{k}": float(last[k]) for k in ("train_accuracy", "val_accuracy", "val_loss")})
-        for key, value in metrics.items():
-            mlflow_client.log_metric(run_id, key, value)
+        for key, score in metrics.items():
+            mlflow_client.log_metric(run_id, key, score)
 
         with result.checkpoint.as_directory() as folder:
             state = load_state(Path(folder))

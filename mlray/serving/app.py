@@ -12,7 +12,7 @@ reported healthy.
 
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -45,8 +45,11 @@ class ModelServer:
         self.served = load_registered(self.cfg.model, alias=self.cfg.alias, version=self.cfg.version,
                                       tracking_uri=self.cfg.tracking_uri)
         self.loaded = self.served.loaded
-        self._predict_batch.set_max_batch_size(self.cfg.batching.max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)
+        # Ray's @serve.batch is typed as returning the plain coroutine function; the wrapper it returns has these.
+        self._predict_batch.set_max_batch_size(self.cfg.batching.max_batch_size)  # type: ignore[attr-defined]
+        self._predict_batch.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
+            self.cfg.batching.batch_wait_timeout_s
+        )
         warm = self.loaded.predict_proba(np.zeros((2, self.loaded.num_features), dtype=np.float32))
         if warm.shape != (2, len(self.loaded.class_names)):
             raise RuntimeError(f"warm-up answered shape {warm.shape}")
@@ -114,5 +117,7 @@ def build_app(args: dict[str, Any], *, deployment_options: dict[str, Any] | None
     with the field's name instead of failing every replica.
     """
     cfg = ServeAppConfig.model_validate(args)
-    deployment = ModelServer.options(**deployment_options) if deployment_options else ModelServer
+    # @serve.deployment replaced the class with a Deployment; Ray's typing of the decorator does not say so.
+    server = cast(serve.Deployment, ModelServer)
+    deployment = server.options(**deployment_options) if deployment_options else server
     return deployment.bind(cfg.model_dump(mode="json"))

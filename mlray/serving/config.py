@@ -9,10 +9,10 @@ class BatchingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
-    max_batch_size: int = Field(32, ge=1)
+    max_batch_size: int = Field(default=32, ge=1)
     # 0 by default: on a 2-core machine, making single-row requests wait for company cut throughput;
     # requests that arrive together are still batched.
-    batch_wait_timeout_s: float = Field(0.0, ge=0)
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0)
 
 
 class ServeAppConfig(BaseModel):
@@ -20,10 +20,10 @@ class ServeAppConfig(BaseModel):
 
     model: str = Field(..., description="registered model name")
     alias: str | None = "champion"
-    version: int | None = Field(None, ge=1, description="a fixed version instead of an alias")
+    version: int | None = Field(default=None, ge=1, description="a fixed version instead of an alias")
     tracking_uri: str | None = None
-    max_rows: int = Field(1024, ge=1)
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_rows: int = Field(default=1024, ge=1)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     batching: BatchingConfig = BatchingConfig()
 
     @model_validator(mode="after")

@@ -64,7 +64,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path: Path):
     sched.load_state_dict(state["scheduler"])
     assert state["epoch"] == 1 and len(state["history"]) == 2
     run(2, model, opt, sched)
-    for a, b in zip(straight, model.parameters()):
+    for a, b in zip(straight, model.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 
 
