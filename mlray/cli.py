@@ -18,10 +18,12 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML job
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("mlray").setLevel(logging.INFO)
+    """Quiet by default: the commands print their own progress; --verbose shows mlray's, MLflow's and
+    Serve's INFO logs as well."""
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("mlray", "mlflow", "ray.serve", "ray.data", "ray.train"):
+        logging.getLogger(name).setLevel(level)
 
 
 def _fail(err: Exception) -> None:
@@ -52,7 +54,10 @@ def train(
     _setup_logging(verbose)
     try:
         cfg = _job_config(config, {"train.epochs": epochs, "train.num_workers": workers, "name": name})
-        result = run_training(cfg, address=address)
+        from mlray import cluster
+
+        cluster.connect(address, log_to_driver=verbose)  # worker logs stay in the dashboard unless --verbose
+        result = run_training(cfg, address=address, progress=typer.echo)
     except MlrayError as err:
         _fail(err)
     typer.echo(json.dumps({"run_id": result.run_id, "model": result.model_name, "version": result.version,
@@ -155,14 +160,15 @@ def quickstart(
     for sample in result.samples:
         typer.echo(f"  true {sample['true']}  predicted {sample['predicted']}  (p={sample['confidence']:.3f})")
     store = result.tracking_uri
+    pixels = ", ".join(str(int(v)) for v in result.samples[0]["pixels"])
     typer.echo(f"""
 Test accuracy:   {result.train.test_accuracy:.4f}  (run {result.train.run_id}, version {result.train.version})
 Done in:         {result.seconds:.0f} s
 Ray dashboard:   {result.dashboard_url}
 MLflow UI:       mlflow ui --backend-store-uri {store} --host 127.0.0.1 --port 5000
 Endpoint:        {result.url}/v1/models/{model}:predict
-Try it:          curl -s -X POST {result.url}/v1/models/{model}:predict -H 'Content-Type: application/json' \\
-                   -d '{{"instances": [[{", ".join(["0"] * 64)}]]}}'
+Try it (a {result.samples[0]["true"]}): curl -s -X POST {result.url}/v1/models/{model}:predict \\
+                   -H 'Content-Type: application/json' -d '{{"instances": [[{pixels}]]}}'
 Stop everything: mlray down""")
 
 

@@ -37,10 +37,12 @@ def apply_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
+def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """Connect this process to Ray: ``address``, ``$RAY_ADDRESS``, a running local cluster, or a new one.
 
     A new one lives only as long as this process (use :func:`start_head` for one that outlives it).
+    ``log_to_driver=False`` keeps the workers' logs out of this process's output (they stay in the
+    dashboard and under /tmp/ray/session_latest/logs).
     """
     import ray
 
@@ -49,14 +51,14 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
     apply_env()
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
-        ray.init(address=target, log_to_driver=True)
+        ray.init(address=target, log_to_driver=log_to_driver)
         return
     try:
-        ray.init(address="auto")
+        ray.init(address="auto", log_to_driver=log_to_driver)
         logger.info("Connected to the running local Ray cluster")
     except ConnectionError:
         logger.info("No Ray cluster running: starting one for this process")
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
 
 
 def _record() -> Path:

@@ -189,13 +189,28 @@ def _distributed_stats(train: Any, num_features: int) -> tuple[list[float], list
     return mean.tolist(), std.tolist()
 
 
+def _data_files(path: Path) -> list[Path]:
+    return sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 over each data file's relative name and contents, streamed (no file is read whole)."""
+    digest = hashlib.sha256()
+    for file in _data_files(path):
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _files(cfg: DataConfig, seed: int) -> PreparedData:
     import ray.data
 
     path = Path(cfg.source).expanduser()
     if not path.exists():
         raise DataError(f"data.source {cfg.source!r} is neither a bundled dataset nor an existing path")
-    files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+    files = _data_files(path)
     kinds = {p.suffix.lower() for p in files} - {""}
     if kinds <= {".parquet"} and files:
         raw = ray.data.read_parquet(str(path))
@@ -221,19 +236,13 @@ def _files(cfg: DataConfig, seed: int) -> PreparedData:
 
     datasets = _filter_splits(raw.map_batches(pack, batch_format="pandas"))
     mean, std = _distributed_stats(datasets["train"], len(features))
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        with file.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
     spec = DatasetSpec(
         name=path.name,
         feature_names=features,
         num_classes=num_classes,
         mean=mean,
         std=std,
-        fingerprint=digest.hexdigest(),
+        fingerprint=file_fingerprint(path),
         class_names=[str(c) for c in range(num_classes)],
     )
     return PreparedData(spec=spec, datasets=datasets)

@@ -42,9 +42,9 @@ def quickstart(cfg: JobConfig, *, serve_config: str | None = None, port: int | N
     started = time.perf_counter()
     progress("Starting a local Ray cluster (dashboard on 127.0.0.1)")
     head = cluster.start_head(num_cpus=num_cpus)
-    cluster.connect(head.address)
+    cluster.connect(head.address, log_to_driver=False)
     progress(f"Training {cfg.name} with {cfg.train.num_workers} data-parallel workers")
-    result = train(cfg)
+    result = train(cfg, progress=lambda line: progress(f"  {line}"))
     progress(f"Registered {cfg.name} version {result.version} (test accuracy {result.test_accuracy:.4f})")
     promotion: PromotionResult | None
     try:
@@ -59,8 +59,8 @@ def quickstart(cfg: JobConfig, *, serve_config: str | None = None, port: int | N
     url = deploy(plan)
     x, y = sample_test_rows(cfg.data, seed=cfg.seed, count=5)
     answer = predict(url, cfg.name, x)
-    samples = [{"true": int(t), "predicted": label, "confidence": float(np.max(p))}
-               for t, label, p in zip(y, answer["labels"], answer["predictions"], strict=True)]
+    samples = [{"true": int(t), "predicted": label, "confidence": float(np.max(p)), "pixels": row.tolist()}
+               for row, t, label, p in zip(x, y, answer["labels"], answer["predictions"], strict=True)]
     return QuickstartResult(train=result, promotion=promotion, url=url, dashboard_url=head.dashboard_url,
                             tracking_uri=settings.tracking_uri(), samples=samples,
                             seconds=time.perf_counter() - started)
@@ -77,7 +77,7 @@ def down() -> bool:
 
             from ray import serve
 
-            ray.init(address=json.loads(record.read_text())["address"])
+            ray.init(address=json.loads(record.read_text())["address"], log_to_driver=False)
             serve.shutdown()
         except Exception as err:  # noqa: BLE001 - the head may be gone already; stop it regardless
             logger.warning("Could not shut Serve down cleanly: %s", err)

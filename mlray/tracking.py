@@ -13,6 +13,7 @@ import os
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,9 @@ def log_model(run_id: str, model_dir: Path, *, feature_names: list[str], example
     # Explicit requirements: inferring them took ~8 s per model here, and would list the whole venv.
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "safetensors", f"mlflow=={mlflow.__version__}",
                     "numpy", "pandas"]
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # MLflow 3 asks for type hints on predict(); the signature below is the contract instead.
+        warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(__file__).with_name("pyfunc_entry.py")),

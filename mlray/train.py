@@ -8,8 +8,11 @@ FAILED and nothing is registered.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,8 +74,41 @@ def _trainer(cfg: JobConfig, loop_cfg: LoopConfig, datasets: dict[str, Any], run
     )
 
 
-def train(cfg: JobConfig, *, run_name: str | None = None, address: str | None = None) -> TrainResult:
-    """Train, record and register one model version; see the module docstring."""
+class _EpochProgress:
+    """Reports each epoch as it lands in MLflow, from a background thread, while ``fit()`` blocks."""
+
+    def __init__(self, run_id: str, epochs: int, progress: Callable[[str], None]) -> None:
+        self._run_id, self._epochs, self._progress = run_id, epochs, progress
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="mlray-epoch-progress", daemon=True)
+
+    def __enter__(self) -> _EpochProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _poll(self) -> None:
+        mlflow_client = tracking.client()
+        shown = -1
+        while not self._stop.wait(1.0):
+            try:
+                history = {m.step: m.value for m in mlflow_client.get_metric_history(self._run_id, "val_accuracy")}
+            except Exception:  # noqa: BLE001 - progress is best effort; training goes on regardless
+                continue
+            for step in sorted(s for s in history if s > shown):
+                self._progress(f"epoch {step + 1}/{self._epochs}: val_accuracy {history[step]:.4f}")
+                shown = step
+
+
+def train(cfg: JobConfig, *, run_name: str | None = None, address: str | None = None,
+          progress: Callable[[str], None] | None = None) -> TrainResult:
+    """Train, record and register one model version; see the module docstring.
+
+    ``progress`` is called with a line per finished epoch (the CLI prints them).
+    """
     import torch
 
     from mlray.artifact import ARTIFACT_KEY, write_model_dir
@@ -105,7 +141,9 @@ def train(cfg: JobConfig, *, run_name: str | None = None, address: str | None = 
             batch_size=cfg.train.batch_size, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, seed=cfg.seed,
             tracking_uri=settings.tracking_uri(), run_id=run_id,
         )
-        result = _trainer(cfg, loop_cfg, prepared.datasets, run_name=f"{cfg.name}-{run_id[:12]}").fit()
+        trainer = _trainer(cfg, loop_cfg, prepared.datasets, run_name=f"{cfg.name}-{run_id[:12]}")
+        with _EpochProgress(run_id, cfg.train.epochs, progress) if progress else contextlib.nullcontext():
+            result = trainer.fit()
         if result.error is not None or result.checkpoint is None or result.return_value is None:
             raise TrainingFailed(f"training of {cfg.name!r} failed: {result.error}")
         final: dict[str, Any] = result.return_value
