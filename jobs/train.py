@@ -19,10 +19,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override train.epochs")
     parser.add_argument("--workers", type=int, help="override train.num_workers")
     parser.add_argument("--name", help="override the registered model name")
+    parser.add_argument("--run-name", help="train.run_name: run the same command again to continue a killed run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, overrides={"train.epochs": args.epochs, "train.num_workers": args.workers,
-                                              "name": args.name})
+                                              "name": args.name, "train.run_name": args.run_name})
     result = train(cfg)
     print(json.dumps({"run_id": result.run_id, "model": result.model_name, "version": result.version,
                       "metrics": result.metrics}))

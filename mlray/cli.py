@@ -43,6 +43,9 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="override train.epochs")] = None,
     workers: Annotated[int | None, typer.Option(help="override train.num_workers")] = None,
     name: Annotated[str | None, typer.Option(help="override the registered model name")] = None,
+    run_name: Annotated[
+        str | None, typer.Option(help="train.run_name: re-run with it to continue a killed run")
+    ] = None,
     address: Annotated[
         str | None, typer.Option(help="Ray address; default: a running cluster or a new local one")
     ] = None,
@@ -53,7 +56,8 @@ def train(
 
     _setup_logging(verbose)
     try:
-        cfg = _job_config(config, {"train.epochs": epochs, "train.num_workers": workers, "name": name})
+        cfg = _job_config(config, {"train.epochs": epochs, "train.num_workers": workers, "name": name,
+                                   "train.run_name": run_name})
         from mlray import cluster
 
         cluster.connect(address, log_to_driver=verbose)  # worker logs stay in the dashboard unless --verbose
@@ -62,6 +66,33 @@ def train(
         _fail(err)
     typer.echo(json.dumps({"run_id": result.run_id, "model": result.model_name, "version": result.version,
                            "metrics": result.metrics}, indent=2))
+
+
+@app.command()
+def tune(
+    config: ConfigOpt = None,
+    sweep_name: Annotated[str | None, typer.Option(help="tune.sweep_name: run again with it to resume")] = None,
+    epochs: Annotated[int | None, typer.Option(help="override train.epochs")] = None,
+    num_samples: Annotated[int | None, typer.Option(help="override tune.num_samples")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address")] = None,
+    verbose: bool = False,
+) -> None:
+    """Sweep hyperparameters on Ray Tune (each trial a distributed training); register the best model."""
+    from mlray import cluster
+    from mlray.tune import sweep
+
+    _setup_logging(verbose)
+    try:
+        cfg = _job_config(config, {"tune.sweep_name": sweep_name, "train.epochs": epochs,
+                                   "tune.num_samples": num_samples})
+        cluster.connect(address, log_to_driver=verbose)
+        result = sweep(cfg, address=address)
+    except MlrayError as err:
+        _fail(err)
+    typer.echo(json.dumps({"sweep": result.sweep_name, "parent_run_id": result.parent_run_id,
+                           "best_run_id": result.best_run_id, "best_config": result.best_config,
+                           "best_metric": result.best_metric, "version": result.version,
+                           "trials": result.trials}, indent=2))
 
 
 @app.command()

@@ -67,8 +67,21 @@ class TrainConfig(_Strict):
     batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=2e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
-    max_failures: int = Field(default=0, ge=-1)
-    storage_path: str | None = Field(default=None, description="Train checkpoint storage; default <home>/checkpoints")
+    max_failures: int = Field(default=0, ge=-1, description="restarts after worker/node loss; -1 = no limit")
+    storage_path: str | None = Field(
+        default=None,
+        description="Train checkpoint storage; default <home>/checkpoints. On several nodes: shared (s3://, NFS)",
+    )
+    checkpoints_to_keep: int = Field(default=2, ge=1)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="mixed precision: bf16 autocast, or fp16 autocast with a gradient scaler"
+    )
+    run_name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="re-running with the same name continues that run from its checkpoints",
+    )
 
 
 class GateConfig(_Strict):
@@ -81,6 +94,36 @@ class RegistryConfig(_Strict):
     gate: GateConfig = GateConfig()
 
 
+class SchedulerConfig(_Strict):
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(default=2, ge=1, description="epochs every trial runs before ASHA may stop it")
+    reduction_factor: float = Field(default=2.0, gt=1)
+
+
+class TuneSettings(_Strict):
+    """A hyperparameter sweep: each trial is a distributed training of the job config with its
+    ``search_space`` values applied (dotted field paths)."""
+
+    metric: str = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(default=4, ge=1)
+    max_concurrent_trials: int = Field(default=1, ge=1)
+    sweep_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    scheduler: SchedulerConfig = SchedulerConfig()
+    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("search_space")
+    @classmethod
+    def _known_samplers(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for path, spec in value.items():
+            if len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
+                raise ValueError(f"search_space.{path} must be one of {{{', '.join(SAMPLERS)}}}: [...], got {spec}")
+        return value
+
+
+SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
 class JobConfig(_Strict):
     name: str = Field(default="digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="registered model name")
     experiment: str | None = None
@@ -89,6 +132,7 @@ class JobConfig(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     registry: RegistryConfig = RegistryConfig()
+    tune: TuneSettings | None = None
 
     @property
     def experiment_name(self) -> str:

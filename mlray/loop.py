@@ -7,8 +7,10 @@ The step functions below take plain iterables of ``(x, y)`` tensors and run with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ class LoopConfig:
     seed: int
     tracking_uri: str | None = None
     run_id: str | None = None
+    precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,19 +77,40 @@ def unwrap(model: nn.Module) -> Classifier:
     return inner
 
 
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision for the forward pass: bf16 or fp16 autocast on the device; fp32 does nothing."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """fp16 needs loss scaling so small gradients do not underflow; bf16 and fp32 do not (disabled)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
 def train_epoch(
-    model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *, precision: str = "fp32", scaler: torch.amp.GradScaler | None = None,
 ) -> EpochStats:
-    """One pass over the worker's shard. Gradients are averaged across workers by DDP in backward()."""
+    """One pass over the worker's shard. Gradients are averaged across workers by DDP in backward().
+
+    Runs without Ray: the same function is the step on one CPU, in DDP workers, and on a GPU.
+    """
     model.train()
     stats = EpochStats()
     loss_fn = nn.CrossEntropyLoss()
+    device = next(model.parameters()).device
+    scaler = scaler or grad_scaler(device, precision)
     for x, y in batches:  # x: (B, F) float32, y: (B,) int64
         optimizer.zero_grad(set_to_none=True)
-        logits = model(x)  # (B, K)
-        loss = loss_fn(logits, y)
-        loss.backward()
-        optimizer.step()
+        with autocast(device, precision):
+            logits = model(x)  # (B, K)
+            loss = loss_fn(logits.float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         stats.loss_sum += float(loss.detach()) * len(y)
         stats.correct += int((logits.argmax(dim=1) == y).sum())
         stats.count += len(y)
@@ -128,7 +152,7 @@ def new_training_state(cfg: LoopConfig) -> tuple[Classifier, torch.optim.Optimiz
 
 def save_state(
     folder: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, epoch: int,
-    history: list[dict[str, float]],
+    history: list[dict[str, float]], scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """Everything needed to continue exactly after ``epoch``: weights, optimizer, schedule, RNG, history."""
     torch.save(
@@ -140,6 +164,7 @@ def save_state(
             "epoch": epoch,
             "history": history,
             "torch_rng": torch.get_rng_state(),
+            "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
         },
         folder / STATE_FILE,
     )
@@ -163,6 +188,18 @@ def _batches(shard: Any, *, batch_size: int, device: torch.device, shuffle_seed:
         yield batch["x"], batch["y"]
 
 
+def _gather_node_ids() -> list[str]:
+    """The Ray node id of every rank, in rank order (where the workers ran)."""
+    import ray
+
+    mine = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return [str(node) for node in every]
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point; returns the test metrics and confusion matrix (rank 0's value is kept)."""
     import ray.train
@@ -176,6 +213,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
     model: nn.Module  # a Classifier, then DDP-wrapped by prepare_model below
     model, optimizer, scheduler = new_training_state(cfg)
+    scaler = grad_scaler(device, cfg.precision)
     start_epoch, history = 0, []
 
     checkpoint = ray.train.get_checkpoint()
@@ -185,6 +223,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, history = state["epoch"] + 1, list(state["history"])
         logger.info("Rank %d resuming from the checkpoint of epoch %d", rank, state["epoch"])
@@ -192,14 +232,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     model = ray.train.torch.prepare_model(model)
     epoch_logger = EpochLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 and cfg.run_id else None
     if epoch_logger is not None:
+        epoch_logger.record_attempt(start_epoch)
         epoch_logger.sync(history)  # fill in epochs a failed attempt checkpointed but did not log
 
     shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val", "test")}
     for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
         train_stats = train_epoch(
             model, optimizer, _batches(shards["train"], batch_size=cfg.batch_size, device=device,
-                                       shuffle_seed=cfg.seed * 1000 + epoch)
+                                       shuffle_seed=cfg.seed * 1000 + epoch),
+            precision=cfg.precision, scaler=scaler,
         ).all_reduce()
+        train_seconds = time.perf_counter() - started  # the training pass, data loading included
         val_stats, _ = evaluate(model, _batches(shards["val"], batch_size=1024, device=device))
         val_stats = val_stats.all_reduce()
         metrics = {
@@ -209,6 +253,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "val_loss": val_stats.loss,
             "val_accuracy": val_stats.accuracy,
             "lr": scheduler.get_last_lr()[0],
+            "epoch_seconds": train_seconds,
+            "samples_per_second": train_stats.count / max(train_seconds, 1e-9),
         }
         scheduler.step()
         history.append(metrics)
@@ -216,11 +262,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             saved = None
             if rank == 0:
                 save_state(Path(folder), model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                           history=history)
+                           history=history, scaler=scaler)
                 saved = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=saved)
         if epoch_logger is not None:
-            epoch_logger.log_epoch(metrics)  # after the checkpoint is stored: a retry never logs twice
+            # After the checkpoint is stored, and only for epochs the run does not have yet: an epoch
+            # re-run after a failure keeps the value its first run logged (one value per epoch).
+            epoch_logger.log_epoch(metrics)
 
     num_classes = ModelSpec.from_dict(cfg.model).num_classes
     test_stats, confusion = evaluate(model, _batches(shards["test"], batch_size=1024, device=device),
@@ -230,6 +278,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(confusion)
     return {
+        "worker_nodes": _gather_node_ids(),
         "test_loss": test_stats.loss,
         "test_accuracy": test_stats.accuracy,
         "test_count": test_stats.count,

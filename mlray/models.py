@@ -84,6 +84,30 @@ def _mlp(spec: ModelSpec) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+@register("cnn")
+def _cnn(spec: ModelSpec) -> nn.Module:
+    """A small CNN for square single-channel images given as flat rows (digits: 64 = 8x8).
+
+    Enough parameters and FLOPs per sample that DDP's gradient all-reduce and compute are both real,
+    so overhead and scaling figures mean something.
+    """
+    side = int(round(spec.num_features**0.5))
+    if side * side != spec.num_features:
+        raise ConfigError(f"model.arch 'cnn' needs square images; {spec.num_features} features is not a square")
+    channels = spec.hidden[0] if spec.hidden else 32
+    width = spec.hidden[1] if len(spec.hidden) > 1 else 128
+    return nn.Sequential(
+        nn.Unflatten(1, (1, side, side)),  # (B, F) -> (B, 1, S, S)
+        nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(channels, channels * 2, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2),  # (B, 2C, S/2, S/2)
+        nn.Flatten(),
+        nn.Dropout(spec.dropout),
+        nn.Linear(channels * 2 * (side // 2) ** 2, width), nn.ReLU(),
+        nn.Linear(width, spec.num_classes),
+    )
+
+
 class Classifier(nn.Module):
     """Standardisation followed by an architecture's body; forward returns logits (B, K)."""
 

@@ -22,7 +22,9 @@ from mlray import __version__, settings
 
 logger = logging.getLogger(__name__)
 
-EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
+                 "samples_per_second")
+ATTEMPTS_TAG = "mlray.attempts"  # JSON list: the first epoch of each training attempt
 
 
 def client(tracking_uri: str | None = None):  # type: ignore[no-untyped-def]
@@ -91,32 +93,48 @@ def _ray_job_submission_id() -> str | None:
 
 
 class EpochLogger:
-    """Logs one value per epoch per metric into an existing run (used on rank 0)."""
+    """Logs one value per epoch per metric into an existing run (used on rank 0).
+
+    It reads which epochs the run already holds once, when an attempt starts, and never logs those
+    again: an epoch that is re-run after a failure keeps the value of its first run.
+    """
 
     def __init__(self, tracking_uri: str | None, run_id: str) -> None:
         self._client = client(tracking_uri)
         self._run_id = run_id
+        self._have = {m.step for m in self._client.get_metric_history(run_id, EPOCH_METRICS[0])}
 
-    def log_epoch(self, metrics: dict[str, float]) -> None:
+    def log_epoch(self, metrics: dict[str, float]) -> bool:
+        """Log an epoch's metrics unless the run has them already; returns whether it logged."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
         step = int(metrics["epoch"])
+        if step in self._have:
+            return False
+        now = int(time.time() * 1000)
         batch = [Metric(key, float(metrics[key]), now, step) for key in EPOCH_METRICS if key in metrics]
         self._client.log_batch(self._run_id, metrics=batch)
+        self._have.add(step)
+        return True
 
-    def logged_steps(self, key: str = "train_loss") -> set[int]:
-        return {m.step for m in self._client.get_metric_history(self._run_id, key)}
+    def logged_steps(self) -> set[int]:
+        return set(self._have)
 
     def sync(self, history: Iterable[dict[str, float]]) -> int:
         """Log the epochs in ``history`` that the run does not have yet; returns how many."""
-        have = self.logged_steps()
-        missing = [metrics for metrics in history if int(metrics["epoch"]) not in have]
-        for metrics in missing:
-            self.log_epoch(metrics)
-        if missing:
-            logger.info("Logged %d epoch(s) a previous attempt checkpointed but did not record", len(missing))
-        return len(missing)
+        logged = sum(self.log_epoch(metrics) for metrics in history)
+        if logged:
+            logger.info("Logged %d epoch(s) a previous attempt checkpointed but did not record", logged)
+        return logged
+
+    def record_attempt(self, start_epoch: int) -> list[int]:
+        """Append this attempt's first epoch to the run's ``mlray.attempts`` tag ("[0, 3]": resumed at 3)."""
+        import json
+
+        tags = self._client.get_run(self._run_id).data.tags
+        attempts = json.loads(tags.get(ATTEMPTS_TAG, "[]")) + [start_epoch]
+        self._client.set_tag(self._run_id, ATTEMPTS_TAG, json.dumps(attempts))
+        return attempts
 
 
 def learning_curve_png(history: list[dict[str, float]], path: Path) -> None:
@@ -206,3 +224,10 @@ def log_model(run_id: str, model_dir: Path, *, feature_names: list[str], example
             pip_requirements=requirements,
         )
     return str(info.model_uri)
+
+
+def new_suffix() -> str:
+    """A short unique suffix for generated names (sweeps)."""
+    import uuid
+
+    return uuid.uuid4().hex[:8]

@@ -1,5 +1,10 @@
-"""Every test gets its own mlray home (MLflow store, artifacts, checkpoints) under pytest's tmp dir,
-and Ray's auth mode is set explicitly instead of being inherited from the machine."""
+"""Shared fixtures.
+
+Every test session gets its own mlray home (MLflow store, artifacts, checkpoints) under pytest's tmp dir,
+and Ray's auth mode is set explicitly instead of being inherited from the machine. Tests that need Ray
+share one real local cluster (``ray.cluster_utils.Cluster``: a head with 4 logical CPUs; tests that need
+several nodes add and remove nodes on it) and one trained digits model.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,51 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
 
+DIGITS = {"name": "digits", "train": {"num_workers": 2, "epochs": 20, "lr": 0.003}}
+
 
 @pytest.fixture(scope="session")
 def mlray_home(tmp_path_factory: pytest.TempPathFactory) -> str:
     home = tmp_path_factory.mktemp("mlray-home")
-    os.environ["MLRAY_HOME"] = str(home)
+    os.environ["MLRAY_HOME"] = str(home)  # Ray nodes started below inherit it
     return str(home)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(mlray_home: str):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 4, "object_store_memory": 300 * 1024 * 1024, "include_dashboard": False,
+    })
+    ray.init(address=cluster.address)
+    yield cluster
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
+    return ray_cluster
+
+
+def digits_config(**changes):
+    from mlray.config import parse_config
+
+    raw = {**DIGITS, **{k: v for k, v in changes.items() if k != "train"}}
+    raw["train"] = {**DIGITS["train"], **changes.get("train", {})}
+    return parse_config(raw)
+
+
+@pytest.fixture(scope="session")
+def trained(ray_session):
+    """The undisturbed baseline: digits, 2 workers, seed 42."""
+    from mlray.train import train
+
+    return train(digits_config())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mlray.artifact import load_model_dir, write_model_dir
-from mlray.errors import ModelLoadError
+from mlray.errors import ConfigError, ModelLoadError
 from mlray.loop import LoopConfig, evaluate, load_state, new_training_state, save_state, train_epoch
 from mlray.models import ModelSpec, build
 
@@ -92,7 +92,35 @@ def test_tampered_weights_are_refused(tmp_path: Path):
 
 
 def test_unknown_architecture_is_a_config_error():
-    from mlray.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="model.arch 'resnet' is not known; choose one of \\['mlp'\\]"):
+    with pytest.raises(ConfigError, match="model.arch 'resnet' is not known; choose one of \\['cnn', 'mlp'\\]"):
         build(ModelSpec(arch="resnet", num_features=4, num_classes=2))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_step_runs_on_cpu_and_learns(precision):
+    """The same step code a GPU runs (autocast + grad scaler); on CUDA it is the `gpu` marked test."""
+    x, y = _data()
+    model, opt, _ = new_training_state(_cfg(x))
+    for _ in range(15):
+        stats = train_epoch(model, opt, _batches(x, y), precision=precision)
+    assert np.isfinite(stats.loss) and stats.accuracy > 0.8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_mixed_precision_step_on_cuda(precision):
+    x, y = _data()
+    model, opt, _ = new_training_state(_cfg(x))
+    model = model.cuda()
+    batches = [(a.cuda(), b.cuda()) for a, b in _batches(x, y)]
+    for _ in range(15):
+        stats = train_epoch(model, opt, batches, precision=precision)
+    assert stats.accuracy > 0.8
+
+
+def test_cnn_architecture_on_digit_shaped_rows():
+    model = build(ModelSpec(arch="cnn", num_features=64, num_classes=10, hidden=(8, 32)))
+    assert model(torch.zeros(5, 64)).shape == (5, 10)
+    with pytest.raises(ConfigError, match="needs square images; 63 features"):
+        build(ModelSpec(arch="cnn", num_features=63, num_classes=10))
