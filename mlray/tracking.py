@@ -27,12 +27,26 @@ EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr
 ATTEMPTS_TAG = "mlray.attempts"  # JSON list: the first epoch of each training attempt
 
 
+_READY_STORES: set[str] = set()
+
+
 def client(tracking_uri: str | None = None):  # type: ignore[no-untyped-def]
+    """An MlflowClient for the tracking and registry URI (the embedded SQLite store by default).
+
+    A new SQLite store is created (schema and migrations) under a file lock: MLflow's migrations are not
+    safe when two processes (a driver and its workers, a poller) open a fresh store at the same time.
+    """
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri or settings.tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if uri.startswith("sqlite:///") and uri not in _READY_STORES:
+        from filelock import FileLock
+
+        database = Path(uri.removeprefix("sqlite:///"))
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{database}.lock"):
+            MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
+        _READY_STORES.add(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

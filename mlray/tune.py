@@ -112,7 +112,7 @@ def sweep(cfg: JobConfig, *, address: str | None = None) -> SweepResult:
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base, parent_run_id=parent, experiment_id=experiment_id,
                              sweep_name=sweep_name),
-        {"cpu": 0},  # the trial only drives; its Train workers hold the CPUs
+        {"cpu": 0.01},  # the trial only drives (Ray refuses an empty request); its Train workers hold the CPUs
     )
     storage = cfg.train.storage_path or str(settings.checkpoint_root())
     path = f"{storage.rstrip('/')}/{sweep_name}"
@@ -123,7 +123,9 @@ def sweep(cfg: JobConfig, *, address: str | None = None) -> SweepResult:
         else:
             scheduler = (tune.schedulers.ASHAScheduler(grace_period=settings_.scheduler.grace_period,
                                                        reduction_factor=settings_.scheduler.reduction_factor,
-                                                       max_t=cfg.train.epochs, time_attr="training_iteration")
+                                                       # one past the last epoch: ASHA must never stop a
+                                                       # trial at its final report, before it logs its model
+                                                       max_t=cfg.train.epochs + 1, time_attr="training_iteration")
                          if settings_.scheduler.type == "asha" else None)
             tuner = tune.Tuner(
                 trainable, param_space=search_space(settings_),

@@ -153,7 +153,8 @@ def test_d_failure_on_every_attempt_ends_failed_and_registers_nothing(ray_sessio
     frame.to_csv(tmp_path / "bad.csv", index=False)
     cfg = parse_config({"name": "badlabels", "data": {"source": str(tmp_path / "bad.csv"), "label_column": "label"},
                         "train": {"num_workers": 2, "epochs": 2, "max_failures": 1}})
-    with pytest.raises(TrainingFailed, match=r"training of 'badlabels' failed in run \w+: IndexError: Target -1 is out of bounds"):
+    expected = r"training of 'badlabels' failed in run \w+: IndexError: Target -1 is out of bounds"
+    with pytest.raises(TrainingFailed, match=expected):
         train(cfg)
     runs = _runs("badlabels")
     assert [r.info.status for r in runs] == ["FAILED"]

@@ -1,0 +1,86 @@
+"""A Ray Tune sweep of distributed trainings: ASHA, parent and child runs in MLflow, one registered
+version from the best trial, and an interrupted sweep that resumes without re-running finished trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlray.tracking import client
+from mlray.tune import SWEEP_TAG, TRIAL_TAG
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SWEEP = "sweep-1"
+
+
+def _children(parent: str) -> list:
+    experiment = client().get_experiment_by_name("digits-sweeps")
+    return client().search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def _parent() -> str | None:
+    experiment = client().get_experiment_by_name("digits-sweeps")
+    if experiment is None:
+        return None
+    found = client().search_runs([experiment.experiment_id], f"tags.`{SWEEP_TAG}` = '{SWEEP}' "
+                                 "and tags.`mlray.role` = 'sweep'")
+    return found[0].info.run_id if found else None
+
+
+def _finished_children() -> int:
+    parent = _parent()
+    return 0 if parent is None else sum(r.info.status == "FINISHED" for r in _children(parent))
+
+
+def test_sweep_interrupted_then_resumed(ray_cluster):
+    command = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", "configs/digits-tune.yaml",
+               "--sweep-name", SWEEP, "--epochs", "3"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    log = open(os.environ.get("MLRAY_TEST_TUNE_LOG", os.devnull), "w")  # noqa: SIM115 - closed below
+    first = subprocess.Popen(command + ["--num-samples", "4"], env=env, cwd=ROOT, stdout=log, stderr=log)
+    try:
+        wait_for(_finished_children, timeout=400, interval=0.5, what="a finished trial")
+    finally:
+        first.send_signal(signal.SIGKILL)  # the sweep's driver dies mid-sweep
+        first.wait(timeout=30)
+        log.close()
+    parent = _parent()
+    done_before = {r.data.tags[TRIAL_TAG]: r.info.run_id for r in _children(parent) if r.info.status == "FINISHED"}
+    assert 1 <= len(done_before) < 4
+    wait_for(lambda: "RayTrainWorker" not in subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                                                            text=True).stdout, timeout=60, what="workers gone")
+
+    second = subprocess.run(command + ["--num-samples", "4"], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    result = json.loads(second.stdout.strip().splitlines()[-1])
+    assert result["trials"] == 4 and result["parent_run_id"] == parent
+
+    children = _children(parent)
+    by_trial: dict[str, list] = {}
+    for run in children:
+        by_trial.setdefault(run.data.tags[TRIAL_TAG], []).append(run)
+    assert len(by_trial) == 4 and all(len(runs) == 1 for runs in by_trial.values()), "one child run per trial"
+    for trial, run_id in done_before.items():
+        assert by_trial[trial][0].info.run_id == run_id  # finished trials were not re-run
+        history = client().get_metric_history(run_id, "train_loss")
+        assert sorted(m.step for m in history) == [0, 1, 2]
+    assert {r.info.status for r in children} <= {"FINISHED", "KILLED"}
+    assert client().get_run(parent).info.status == "FINISHED"
+
+    versions = client().search_model_versions("name='digits'")
+    sweep_versions = [v for v in versions if v.tags.get(SWEEP_TAG) == SWEEP]
+    assert len(sweep_versions) == 1
+    best = sweep_versions[0]
+    assert best.run_id == result["best_run_id"] and best.tags[TRIAL_TAG] in by_trial
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert max(r.data.metrics["val_accuracy"] for r in finished) == pytest.approx(result["best_metric"])
