@@ -35,6 +35,11 @@ class DataConfig(_Strict):
     val_fraction: float = Field(default=0.15, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.15, gt=0, lt=0.5)
     synthetic: SyntheticConfig = SyntheticConfig()
+    cache: bool = Field(
+        default=False,
+        description="materialize the prepared splits in Ray's object store once, instead of re-reading "
+        "(or re-generating) them every epoch; for data that fits in the cluster's object store",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

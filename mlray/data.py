@@ -256,6 +256,9 @@ def prepare(cfg: DataConfig, *, seed: int) -> PreparedData:
         prepared = _synthetic(cfg, seed)
     else:
         prepared = _files(cfg, seed)
+    if cfg.cache:
+        prepared = PreparedData(spec=prepared.spec,
+                                datasets={name: ds.materialize() for name, ds in prepared.datasets.items()})
     logger.info(
         "Prepared %s: %d features, %d classes, splits %s, fingerprint %s",
         prepared.spec.name,

@@ -42,6 +42,7 @@ class LoopConfig:
     tracking_uri: str | None = None
     run_id: str | None = None
     precision: str = "fp32"
+    cpus_per_worker: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,17 +176,34 @@ def load_state(folder: Path) -> dict[str, Any]:
     return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+FETCH_ROWS = 4096  # rows pulled from Ray Data at a time, then cut into minibatches in torch
+
+
 def _batches(shard: Any, *, batch_size: int, device: torch.device, shuffle_seed: int | None = None
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    shuffle = (
-        {"local_shuffle_buffer_size": batch_size * 8, "local_shuffle_seed": shuffle_seed}
-        if shuffle_seed is not None
-        else {}
-    )
-    for batch in shard.iter_torch_batches(
-        batch_size=batch_size, dtypes={"x": torch.float32, "y": torch.int64}, device=device, **shuffle
+    """Minibatches from a Ray Data shard.
+
+    Ray Data's per-batch cost is fixed, so rows are fetched in large blocks and cut into minibatches with
+    tensor slicing.
+    With a seed, rows are shuffled per epoch: Ray Data's local shuffle buffer, then a seeded permutation
+    within each block. Every rank gets the same number of minibatches, as DDP needs: the shards are
+    equal-sized and blocks are cut the same way.
+    """
+    fetch = max(batch_size, FETCH_ROWS // batch_size * batch_size)
+    shuffle: dict[str, Any] = {}
+    generator = None
+    if shuffle_seed is not None:
+        shuffle = {"local_shuffle_buffer_size": fetch * 2, "local_shuffle_seed": shuffle_seed}
+        generator = torch.Generator().manual_seed(shuffle_seed)
+    for block in shard.iter_torch_batches(
+        batch_size=fetch, dtypes={"x": torch.float32, "y": torch.int64}, device=device, **shuffle
     ):
-        yield batch["x"], batch["y"]
+        x, y = block["x"], block["y"]  # (fetch, F), (fetch,)
+        if generator is not None:
+            order = torch.randperm(len(y), generator=generator).to(y.device)
+            x, y = x[order], y[order]
+        for start in range(0, len(y), batch_size):
+            yield x[start : start + batch_size], y[start : start + batch_size]
 
 
 def _gather_node_ids() -> list[str]:
@@ -208,6 +226,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from mlray.tracking import EpochLogger
 
     cfg = LoopConfig(**config)
+    # One intra-op thread per CPU the worker was given: more threads than cores oversubscribes the node.
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()

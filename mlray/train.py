@@ -177,6 +177,7 @@ def _fit(cfg: JobConfig, prepared: _Prepared, run_id: str, *, progress: Callable
         model=prepared.model_spec.to_dict(), mean=spec.mean, std=spec.std, epochs=cfg.train.epochs,
         batch_size=cfg.train.batch_size, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, seed=cfg.seed,
         tracking_uri=settings.tracking_uri(), run_id=run_id, precision=cfg.train.precision,
+        cpus_per_worker=(cfg.train.resources_per_worker or {}).get("CPU", 1.0),
     )
     run_name = tracking.client().get_run(run_id).data.tags[RUN_NAME_TAG]
     trainer = _trainer(cfg, loop_cfg, prepared.data.datasets, run_name=run_name, callbacks=callbacks)
