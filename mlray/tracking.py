@@ -131,9 +131,6 @@ class EpochLogger:
         self._have.add(step)
         return True
 
-    def logged_steps(self) -> set[int]:
-        return set(self._have)
-
     def sync(self, history: Iterable[dict[str, float]]) -> int:
         """Log the epochs in ``history`` that the run does not have yet; returns how many."""
         logged = sum(self.log_epoch(metrics) for metrics in history)

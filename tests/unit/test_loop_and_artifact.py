@@ -124,3 +124,30 @@ def test_cnn_architecture_on_digit_shaped_rows():
     assert model(torch.zeros(5, 64)).shape == (5, 10)
     with pytest.raises(ConfigError, match="needs square images; 63 features"):
         build(ModelSpec(arch="cnn", num_features=63, num_classes=10))
+
+
+def test_a_malicious_pickle_in_place_of_the_weights_never_runs(tmp_path: Path):
+    """Loading never unpickles: a pickle that would run code is refused, and its code does not run."""
+    import json
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    model = build(ModelSpec(arch="mlp", num_features=4, num_classes=2, hidden=(8,)))
+    meta = write_model_dir(tmp_path / "m", model=model, feature_names=list("abcd"), class_names=["0", "1"])
+    (tmp_path / "m" / "weights.safetensors").write_bytes(pickle.dumps(Payload()))
+    for expected in (meta["weights_sha256"], None):
+        with pytest.raises(ModelLoadError):
+            load_model_dir(tmp_path / "m", expected_sha256=expected)
+    # even with both hashes made to match the pickle, safetensors cannot parse it as weights
+    from mlray.artifact import META_FILE, sha256_file
+
+    meta["weights_sha256"] = sha256_file(tmp_path / "m" / "weights.safetensors")
+    (tmp_path / "m" / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match="do not fit the model spec"):
+        load_model_dir(tmp_path / "m", expected_sha256=meta["weights_sha256"])
+    assert not marker.exists()
