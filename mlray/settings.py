@@ -25,6 +25,10 @@ RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     # Without this, every worker print shows up twice in the driver's output.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Ray Train waits 60 s for a worker group to start, then retries with a new placement group while
+    # the old one is still reserved; on a loaded 2-core machine (a Tune trial starting its workers) the
+    # retry then waited forever for CPUs. Wait longer for the first group instead.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
 }
 
 
