@@ -171,6 +171,102 @@ def predict(
         _fail(err)
 
 
+def _connect(address: str | None) -> None:
+    """The cluster the app runs on: ``--address``, ``$RAY_ADDRESS`` or the local head mlray started."""
+    import os
+
+    from mlray import cluster, settings
+
+    record = settings.home() / "cluster.json"
+    if address is None and "RAY_ADDRESS" not in os.environ and record.exists():
+        address = json.loads(record.read_text())["address"]
+    try:
+        cluster.connect(address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+    except ConnectionError as err:
+        raise MlrayError(f"no running Ray cluster found ({err}); pass --address or set RAY_ADDRESS") from None
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    targets = ", ".join(f"{role}=v{v}" for role, v in status["targets"].items() if v is not None)
+    typer.echo(f"{status['model']}: registry says {targets}; on target: {status['on_target']}")
+    for replica, r in sorted(status["replicas"].items()):
+        versions = ", ".join(f"{role}=v{v}" for role, v in r["versions"].items())
+        typer.echo(f"  replica {replica[:12]}  {versions}  (seen {r['seen_s_ago']} s ago)")
+        for key, error in r["failures"].items():
+            typer.secho(f"    FAILED {key}: {error}", fg=typer.colors.RED)
+    shadow = status["shadow"]
+    if shadow["compared"]:
+        typer.echo(f"  shadow: {shadow['agreed']}/{shadow['compared']} answers agreed with the champion")
+
+
+AppOpt = Annotated[str | None, typer.Option("--app", help="Serve application name (default: the model name)")]
+AddressOpt = Annotated[str | None, typer.Option(help="Ray address (default: the local head mlray started)")]
+
+
+@app.command()
+def rollout(name: str, app_name: AppOpt = None, address: AddressOpt = None, timeout: float = 120.0) -> None:
+    """Make a running app follow the registry now: load, warm up and switch to what its aliases name."""
+    from mlray.serving.deploy import rollout as do_rollout
+
+    _setup_logging(False)
+    try:
+        _connect(address)
+        status = do_rollout(app_name or name, timeout_s=timeout)
+    except MlrayError as err:
+        _fail(err)
+    _print_status(status)
+    if status["failures"] or not status["on_target"]:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def rollback(name: str, alias: str = "champion", app_name: AppOpt = None, address: AddressOpt = None,
+             no_rollout: Annotated[bool, typer.Option(help="only move the alias")] = False) -> None:
+    """Move the alias back to its previous version, then make the running app follow at once."""
+    from mlray.registry import rollback as do_rollback
+    from mlray.serving.deploy import rollout as do_rollout
+
+    _setup_logging(False)
+    try:
+        result = do_rollback(name, alias=alias)
+        typer.echo(f"{name}@{alias} -> version {result.version} (was {result.previous_version})")
+        if not no_rollout:
+            _connect(address)
+            _print_status(do_rollout(app_name or name))
+    except MlrayError as err:
+        _fail(err)
+
+
+@app.command()
+def status(name: str, app_name: AppOpt = None, address: AddressOpt = None,
+           as_json: Annotated[bool, typer.Option("--json", help="print the raw status")] = False) -> None:
+    """What a running app serves: registry targets, each replica's versions, load failures, shadow summary."""
+    from mlray.serving.deploy import app_status
+
+    _setup_logging(False)
+    try:
+        _connect(address)
+        result = app_status(app_name or name)
+    except MlrayError as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        _print_status(result)
+
+
+keys = typer.Typer(help="API keys for the Serve app (stored as sha256 hashes).")
+app.add_typer(keys, name="keys")
+
+
+@keys.command("create")
+def keys_create(file: Annotated[Path, typer.Option(help="the secret file the app reads (auth.keys_file)")]) -> None:
+    """Create an API key: its hash is appended to FILE (mode 600); the key is printed once, here."""
+    from mlray.serving.auth import add_key_to_file
+
+    typer.echo(add_key_to_file(file))
+
+
 @app.command()
 def quickstart(
     config: ConfigOpt = Path("configs/digits.yaml") if Path("configs/digits.yaml").exists() else None,

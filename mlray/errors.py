@@ -63,3 +63,32 @@ class PromotionRefused(MlrayError):
 
 class TrainingFailed(MlrayError, RuntimeError):
     """Distributed training ended in error; the MLflow run is marked FAILED and nothing is registered."""
+
+
+class Unauthorized(MlrayError):
+    """A protected route called without an API key."""
+
+    status_code = 401
+
+
+class Forbidden(MlrayError):
+    """A protected route called with a key that is not valid, or a role that may not do this."""
+
+    status_code = 403
+
+
+class Overloaded(MlrayError):
+    """The server is at capacity; the client should retry after ``retry_after_s``."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeout(MlrayError):
+    """A request waited or ran past its deadline."""
+
+    status_code = 504
+    retry_after_s = 1

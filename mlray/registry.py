@@ -6,6 +6,7 @@ Training registers versions here; serving resolves ``NAME@ALIAS`` here. They nev
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,7 +68,11 @@ def register(name: str, *, model_uri: str, run_id: str, tags: dict[str, str],
     except MlflowException as err:
         if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
             raise
-    version = mlflow_client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
+    # A logged model's URI (models:/m-<id>) names the model: an MLflow server refuses the version unless
+    # model_id says which one, since the source is not under the run's artifacts.
+    logged = re.fullmatch(r"models:/(m-[0-9a-f]+)", model_uri)
+    version = mlflow_client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags,
+                                                 model_id=logged.group(1) if logged else None)
     try:
         for _ in range(600):  # local stores are READY at once; remote ones may take a moment
             if version.status == "READY":
@@ -171,3 +176,18 @@ def promote(name: str, *, version: int, alias: str = "champion", gate: GateConfi
     logger.info("Moved %s@%s to version %s: %s", name, alias, version, decision)
     return PromotionResult(name, alias, version, current.version if current else None,
                            tags[f"{prefix}forced"] == "true", decision)
+
+
+def rollback(name: str, *, alias: str = "champion", tracking_uri: str | None = None) -> PromotionResult:
+    """Move ``alias`` back to the version that held it before the current one (recorded at promotion).
+
+    A rollback is an operator's decision, so the gate does not stop it; it is recorded like any promotion
+    (reason ``rollback from version N``).
+    """
+    current = get_version(name, alias=alias, tracking_uri=tracking_uri)
+    previous = current.tags.get(f"{PROMOTION_TAG_PREFIX}{alias}.from_version", "")
+    if not previous:
+        raise NotFound(f"{name}@{alias} is version {current.version}, which records no earlier @{alias} "
+                       f"to roll back to; use `mlray promote {name} --version N --force`")
+    return promote(name, version=int(previous), alias=alias, force=True, tracking_uri=tracking_uri,
+                   reason=f"rollback from version {current.version}")

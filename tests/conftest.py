@@ -68,3 +68,38 @@ def trained(ray_session):
     from mlray.train import train
 
     return train(digits_config())
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_session) -> int:
+    """One Serve HTTP proxy per session on 127.0.0.1 (Serve has one per cluster); apps differ by route prefix."""
+    from ray import serve
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    return port
+
+
+def deploy_app(app: str, args: dict, *, port: int, options: dict | None = None, timeout_s: float = 240) -> str:
+    """Deploy an mlray Serve app at route prefix /<app> through mlray's own deploy path; returns its URL."""
+    from mlray.serving.deploy import ServePlan, deploy
+
+    plan = ServePlan(app_name=app, route_prefix=f"/{app}", host="127.0.0.1", port=port, args=args,
+                     deployment_options=options or {})
+    return deploy(plan, timeout_s=timeout_s)
+
+
+def register_copy(name: str, trained, *, broken: bool = False) -> int:
+    """Register the baseline's model files as a new version of ``name`` (a second model costs no training).
+
+    ``broken=True`` records a wrong weights hash, so the version fails to load as a corrupt upload would.
+    """
+    from mlray.registry import get_version, register
+
+    source = get_version("digits", version=trained.version)
+    tags = dict(source.tags)
+    if broken:
+        tags["mlray.weights_sha256"] = "0" * 64
+    return register(name, model_uri=source.source, run_id=source.run_id, tags=tags).version

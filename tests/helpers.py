@@ -1,4 +1,4 @@
-"""Shared test helpers: condition waits (never bare sleeps), free ports, process checks."""
+"""Shared test helpers: condition waits (never bare sleeps), free ports, process checks, steady load."""
 
 from __future__ import annotations
 
@@ -34,3 +34,82 @@ def free_port() -> int:
 def ray_processes() -> list[str]:
     out = subprocess.run(["pgrep", "-af", "raylet|gcs_server|ray::"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+class SteadyLoad:
+    """Single-row requests in background threads until stopped, bounded in count and time; loopback only.
+
+    Records (status, x-model-version, x-model-role) of every final answer. ``retry_on_503`` makes it the
+    client the issue describes: it retries a 503 (after ``Retry-After``, capped) before giving up.
+    """
+
+    def __init__(self, url: str, *, row: list[float], threads: int = 2, max_requests: int = 20_000,
+                 max_seconds: float = 180.0, headers: dict[str, str] | None = None, retry_on_503: bool = False,
+                 pause_s: float = 0.0) -> None:
+        import threading
+
+        self.url, self.row, self.headers, self.retry_on_503 = url, row, headers or {}, retry_on_503
+        self.max_requests, self.deadline, self.pause_s = max_requests, time.monotonic() + max_seconds, pause_s
+        self.results: list[tuple[int, str, str]] = []
+        self.retries = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> SteadyLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def _one(self, session) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+        import requests
+
+        for attempt in range(20):
+            try:
+                response = session.post(self.url, json={"instances": [self.row]}, headers=self.headers, timeout=30)
+            except requests.RequestException as err:
+                return (-1, type(err).__name__, "")
+            if response.status_code == 503 and self.retry_on_503 and attempt < 19:
+                with self._lock:
+                    self.retries += 1
+                time.sleep(min(float(response.headers.get("retry-after", "1") or 1), 0.5))
+                continue
+            return (response.status_code, response.headers.get("x-model-version", ""),
+                    response.headers.get("x-model-role", ""))
+        raise AssertionError("unreachable")
+
+    def _run(self) -> None:
+        import requests
+
+        with requests.Session() as session:
+            while not self._stop.is_set() and time.monotonic() < self.deadline:
+                with self._lock:
+                    if len(self.results) >= self.max_requests:
+                        return
+                result = self._one(session)
+                with self._lock:
+                    self.results.append(result)
+                if self.pause_s:
+                    time.sleep(self.pause_s)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.results)
+
+    def failures(self) -> list[tuple[int, str, str]]:
+        with self._lock:
+            return [r for r in self.results if r[0] != 200]
+
+    def versions(self) -> list[str]:
+        """The versions that answered, in order, with consecutive repeats collapsed."""
+        with self._lock:
+            seen = [r[1] for r in self.results if r[0] == 200]
+        return [v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v]

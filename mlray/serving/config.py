@@ -1,13 +1,21 @@
-"""The Serve application's settings: the ``args`` of an app in a Serve YAML, or ``mlray serve`` flags."""
+"""The Serve application's settings: the ``args`` of an app in a Serve YAML, or ``mlray serve`` flags.
+
+Pydantic, because these values come from a user's YAML: an unknown or bad field fails the deploy with
+the field's name instead of failing every replica.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class BatchingConfig(BaseModel):
+class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+class BatchingConfig(_Section):
     enabled: bool = True
     max_batch_size: int = Field(default=32, ge=1)
     # 0 by default: on a 2-core machine, making single-row requests wait for company cut throughput;
@@ -15,9 +23,50 @@ class BatchingConfig(BaseModel):
     batch_wait_timeout_s: float = Field(default=0.0, ge=0)
 
 
-class ServeAppConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class FollowConfig(_Section):
+    """Following the registry: when the alias moves, every replica loads, warms up, then swaps."""
 
+    enabled: bool = True
+    poll_interval_s: float = Field(default=10.0, gt=0, description="how often the registry is asked")
+    sync_interval_s: float = Field(default=1.0, gt=0, description="how often a replica asks the watcher")
+    warmup_rows: int = Field(default=8, ge=1)
+    retry_failed_after_s: float = Field(default=60.0, ge=0, description="wait before retrying a failed version")
+
+
+class ChallengerConfig(_Section):
+    """A second version in the same app: a weighted split, or a shadow that never answers clients."""
+
+    alias: str = "challenger"
+    mode: Literal["split", "shadow"] = "split"
+    weight: float = Field(default=0.1, ge=0, le=1, description="share of requests the challenger answers (split)")
+    sticky_header: str = Field(default="x-mlray-key", description="requests with the same value go to the same side")
+    shadow_records: int = Field(default=1000, ge=1, description="shadow comparisons kept by the watcher")
+
+
+class AdmissionConfig(_Section):
+    """Backpressure inside each replica: beyond ongoing + queued, answer 503 with Retry-After at once."""
+
+    max_ongoing_requests: int = Field(default=32, ge=1)
+    max_queued_requests: int = Field(default=128, ge=0)
+    timeout_s: float = Field(default=10.0, gt=0, description="a request not answered by then gets 504")
+    retry_after_s: int = Field(default=1, ge=0)
+
+
+class AuthConfig(_Section):
+    """API keys on every route that is not public. Keys are never in the YAML: only where to find them."""
+
+    enabled: bool = False
+    keys_env: str | None = Field(default="MLRAY_API_KEYS", description="env var with comma-separated keys/hashes")
+    keys_file: str | None = Field(default=None, description="file with one key hash (sha256:<hex>) per line")
+
+    @model_validator(mode="after")
+    def _has_source(self) -> AuthConfig:
+        if self.enabled and not (self.keys_env or self.keys_file):
+            raise ValueError("auth.enabled is true but neither auth.keys_env nor auth.keys_file is set")
+        return self
+
+
+class ServeAppConfig(_Section):
     model: str = Field(..., description="registered model name")
     alias: str | None = "champion"
     version: int | None = Field(default=None, ge=1, description="a fixed version instead of an alias")
@@ -25,11 +74,17 @@ class ServeAppConfig(BaseModel):
     max_rows: int = Field(default=1024, ge=1)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     batching: BatchingConfig = BatchingConfig()
+    follow: FollowConfig = FollowConfig()
+    challenger: ChallengerConfig | None = None
+    admission: AdmissionConfig = AdmissionConfig()
+    auth: AuthConfig = AuthConfig()
 
     @model_validator(mode="after")
     def _one_target(self) -> ServeAppConfig:
         if (self.alias is None) == (self.version is None):
             raise ValueError(f"give exactly one of alias ({self.alias!r}) or version ({self.version!r})")
+        if self.challenger is not None and self.challenger.alias == self.alias:
+            raise ValueError(f"challenger.alias {self.challenger.alias!r} is the champion's alias; use another")
         return self
 
     @property

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from mlray.errors import ConfigError, MlrayError
+from mlray.errors import ConfigError, MlrayError, NotFound
 from mlray.serving.app import DEPLOYMENT_NAME
 from mlray.serving.config import ServeAppConfig
 
@@ -79,19 +79,40 @@ def deploy(plan: ServePlan, *, timeout_s: float = 180.0) -> str:
     from mlray.serving.app import build_app
 
     serve.start(http_options={"host": plan.host, "port": plan.port}, proxy_location="HeadOnly")
-    serve.run(build_app(plan.args, deployment_options=plan.deployment_options), name=plan.app_name,
+    serve.run(build_app(plan.args, deployment_options_override=plan.deployment_options), name=plan.app_name,
               route_prefix=plan.route_prefix)
     model = plan.args["model"]
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if requests.get(f"{plan.url}/v1/models/{model}", timeout=5).status_code == 200:
+            if requests.get(f"{plan.url}/v2/models/{model}/ready", timeout=5).status_code == 200:
                 return plan.url
         except requests.RequestException:
             pass
         if time.monotonic() > deadline:
             raise MlrayError(f"the Serve app {plan.app_name!r} did not answer at {plan.url} within {timeout_s:.0f} s")
         time.sleep(0.5)
+
+
+def _watcher(app: str) -> Any:
+    from ray import serve
+
+    from mlray.serving.rollout import WATCHER_NAME
+
+    try:
+        return serve.get_deployment_handle(WATCHER_NAME, app_name=app)
+    except Exception as err:  # noqa: BLE001 - Serve raises several kinds for "no such app"
+        raise NotFound(f"no mlray Serve app named {app!r} on this cluster ({err})") from None
+
+
+def rollout(app: str, *, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Make the app ask the registry now and wait until every replica has moved (or failed to)."""
+    return dict(_watcher(app).check_now.remote(timeout_s).result(timeout_s=timeout_s + 30))
+
+
+def app_status(app: str) -> dict[str, Any]:
+    """What the app serves: the registry's targets, each replica's versions and load failures."""
+    return dict(_watcher(app).status.remote().result(timeout_s=30))
 
 
 def shutdown() -> None:

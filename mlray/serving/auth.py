@@ -1,0 +1,160 @@
+"""API keys for the Serve app: ``Authorization: Bearer <key>`` on every route that is not public.
+
+Keys are held only as sha256 hashes. They come from an environment variable (comma-separated keys or
+``sha256:<hex>`` hashes) or a secret file (one ``sha256:<hex>`` per line, ``#`` comments; written by
+``mlray keys create``), never from the Serve YAML, which only says where to look.
+
+The guard is an ASGI middleware, so a route is protected unless it is on :data:`PUBLIC_PATHS`: a new
+route cannot be forgotten. It fails closed: until a replica has configured it, every protected route
+answers 401.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from mlray.errors import ConfigError
+from mlray.serving.http import route_path
+
+# Liveness, readiness and the API description stay open; everything else needs a key.
+PUBLIC_PATHS = frozenset({
+    "/healthz", "/ping", "/health",
+    "/v2/health/live", "/v2/health/ready",
+    "/docs", "/docs/oauth2-redirect", "/openapi.json",
+})
+PUBLIC_SUFFIXES = ("/ready",)  # /v2/models/{name}/ready
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def hash_key(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return "mlr_" + secrets.token_urlsafe(32)
+
+
+def _entries(text: str, *, source: str, allow_plain: bool) -> set[str]:
+    hashes = set()
+    for number, raw in enumerate(text.replace(",", "\n").splitlines(), start=1):
+        entry = raw.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if entry.startswith("sha256:"):
+            digest = entry.removeprefix("sha256:")
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+                raise ConfigError(f"{source} entry {number} is not 'sha256:' followed by 64 hex digits")
+            hashes.add("sha256:" + digest.lower())
+        elif allow_plain:
+            hashes.add(hash_key(entry))
+        else:
+            raise ConfigError(f"{source} entry {number} is not a 'sha256:<hex>' hash; the file holds hashes only")
+    return hashes
+
+
+def load_key_hashes(*, keys_env: str | None, keys_file: str | None) -> frozenset[str]:
+    """Every accepted key's hash, from the environment variable and the file; an empty result is an error."""
+    hashes: set[str] = set()
+    if keys_env and os.environ.get(keys_env):
+        hashes |= _entries(os.environ[keys_env], source=f"${keys_env}", allow_plain=True)
+    if keys_file:
+        path = Path(keys_file).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"auth.keys_file {str(path)!r} cannot be read: {err.strerror}") from None
+        hashes |= _entries(text, source=f"auth.keys_file {str(path)!r}", allow_plain=False)
+    if not hashes:
+        where = " or ".join(x for x in (f"${keys_env}" if keys_env else "", keys_file or "") if x)
+        raise ConfigError(f"auth is enabled but no API key was found in {where}; create one with `mlray keys create`")
+    return frozenset(hashes)
+
+
+def add_key_to_file(path: Path) -> str:
+    """Create a key, append its hash to ``path`` (mode 600); returns the key, which is shown once."""
+    key = new_key()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as handle:
+        handle.write(hash_key(key) + "\n")
+    return key
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or (path.startswith("/v2/models/") and path.endswith(PUBLIC_SUFFIXES))
+
+
+class KeyGuard:
+    """What the middleware checks against; a replica configures it once its keys are loaded."""
+
+    def __init__(self) -> None:
+        self.enabled = True  # fail closed until configured
+        self._hashes: frozenset[str] = frozenset()
+
+    def configure(self, *, enabled: bool, hashes: Iterable[str] = ()) -> None:
+        self._hashes = frozenset(hashes)
+        self.enabled = enabled
+
+    def check(self, authorization: str | None) -> tuple[int, str] | None:
+        """None when allowed, else (status, message): 401 without a key, 403 with a wrong one."""
+        if not self.enabled:
+            return None
+        scheme, _, token = (authorization or "").partition(" ")
+        if not authorization or scheme.lower() != "bearer" or not token.strip():
+            return 401, "this route needs an API key: send 'Authorization: Bearer <key>'"
+        presented = hash_key(token.strip())
+        # compare against every hash, so the time taken does not say which one nearly matched
+        if not any([hmac.compare_digest(presented, known) for known in self._hashes]):
+            return 403, "the API key is not valid for this server"
+        return None
+
+
+ErrorBody = Callable[[str, int, str], tuple[dict[str, Any], dict[str, str]]]
+
+
+class AuthMiddleware:
+    """ASGI middleware: public paths pass; the rest need a valid bearer key.
+
+    ``guard`` is looked up on every request: Serve ships the FastAPI app to the replica as a copy, so a
+    guard object captured here would not be the one the replica configures.
+    """
+
+    def __init__(self, app: ASGIApp, *, guard: Callable[[], KeyGuard], error_body: ErrorBody) -> None:
+        self.app = app
+        self.guard = guard
+        self.error_body = error_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_public(route_path(scope)):
+            await self.app(scope, receive, send)
+            return
+        authorization = None
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        refused = self.guard().check(authorization)
+        if refused is None:
+            await self.app(scope, receive, send)
+            return
+        status, message = refused
+        import json
+
+        body, headers = self.error_body(route_path(scope), status, message)
+        payload = json.dumps(body).encode()
+        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        if status == 401:
+            raw_headers.append((b"www-authenticate", b'Bearer realm="mlray"'))
+        raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,45 @@
+"""Prometheus metrics from the replicas, exported through Ray's metrics endpoint (``ray_`` prefix).
+
+Serve adds ``deployment``, ``replica`` and ``application`` tags to each of these. Created in the replica
+(Ray must be running), never at import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LATENCY_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+BATCH_BOUNDARIES = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]
+
+
+class ServingMetrics:
+    """One set per replica. Names as scraped: ``ray_mlray_requests_total`` and so on."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics as ray_metrics
+
+        metrics: Any = ray_metrics  # Ray types tag_keys as a 1-tuple; any tuple of names works
+
+        self.requests = metrics.Counter(
+            "mlray_requests", description="HTTP requests by model, version, role, protocol and status code",
+            tag_keys=("model", "version", "role", "protocol", "status"))
+        self.latency = metrics.Histogram(
+            "mlray_request_latency_seconds", description="time from request to response inside the replica",
+            boundaries=LATENCY_BOUNDARIES_S, tag_keys=("model", "version", "protocol"))
+        self.batch_size = metrics.Histogram(
+            "mlray_batch_rows", description="rows per model call (after batching)",
+            boundaries=BATCH_BOUNDARIES, tag_keys=("model", "version"))
+        self.load_seconds = metrics.Gauge(
+            "mlray_model_load_seconds", description="seconds to download, verify, load and warm up a version",
+            tag_keys=("model", "version"))
+        self.load_failures = metrics.Counter(
+            "mlray_model_load_failures", description="versions that failed to load or warm up",
+            tag_keys=("model", "version"))
+        self.serving_version = metrics.Gauge(
+            "mlray_serving_version", description="the version each role answers with", tag_keys=("model", "role"))
+        self.shadow = metrics.Counter(
+            "mlray_shadow_comparisons", description="shadow predictions, by whether the challenger agreed",
+            tag_keys=("model", "version", "agree"))
+        self.rejected = metrics.Counter(
+            "mlray_rejected_requests", description="requests refused by backpressure (503) or timed out (504)",
+            tag_keys=("model", "reason"))

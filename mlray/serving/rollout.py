@@ -1,0 +1,258 @@
+"""Following the registry: the app moves to a new version when its alias moves, without failing a request.
+
+Two halves, one per side of a Serve handle:
+
+- :class:`RegistryWatcher`, a one-replica deployment in every mlray app, asks the registry which version
+  each role (``champion``, ``challenger``) should answer with, every ``follow.poll_interval_s`` or at once
+  on ``mlray rollout``. It also collects what each replica reports (versions loaded, load failures,
+  shadow comparisons), which is what ``mlray status`` shows.
+- :class:`Follower`, inside each ``ModelServer`` replica, asks the watcher every ``follow.sync_interval_s``
+  and, when a role's version changed, downloads, verifies and warms the new version up *beside* the one
+  serving, then swaps the reference. Requests already running finish on the old model; a version that
+  fails to load or warm up never takes traffic, and is retried only after ``retry_failed_after_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from mlray.errors import ModelLoadError, NotFound
+from mlray.serving.config import ServeAppConfig
+from mlray.serving.loader import ServedModel, load_registered
+
+logger = logging.getLogger(__name__)
+
+WATCHER_NAME = "RegistryWatcher"
+ROLES = ("champion", "challenger")
+
+
+def resolve_targets(cfg: ServeAppConfig) -> dict[str, int | None]:
+    """role -> version the registry says should serve now (the challenger may be absent: None)."""
+    from mlray.registry import get_version
+
+    if cfg.version is not None:
+        targets: dict[str, int | None] = {"champion": cfg.version}
+    else:
+        assert cfg.alias is not None
+        targets = {"champion": get_version(cfg.model, alias=cfg.alias, tracking_uri=cfg.tracking_uri).version}
+    if cfg.challenger is not None:
+        try:
+            targets["challenger"] = get_version(cfg.model, alias=cfg.challenger.alias,
+                                                tracking_uri=cfg.tracking_uri).version
+        except NotFound:
+            targets["challenger"] = None
+    return targets
+
+
+@serve.deployment(name=WATCHER_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+class RegistryWatcher:
+    async def __init__(self, settings: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
+        self.cfg = ServeAppConfig.model_validate(settings)
+        self.targets = await asyncio.to_thread(resolve_targets, self.cfg)  # NotFound here fails the deploy
+        self.last_good: dict[str, int] = {}
+        self.replicas: dict[str, dict[str, Any]] = {}
+        self.events: deque[dict[str, Any]] = deque(maxlen=100)
+        keep = self.cfg.challenger.shadow_records if self.cfg.challenger else 1
+        self.shadow: deque[dict[str, Any]] = deque(maxlen=keep)
+        self.shadow_total = 0
+        self.shadow_agreed = 0
+        self._event(f"serving {self.cfg.model}: {self.targets}")
+        if self.cfg.follow.enabled and self.cfg.version is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    def _event(self, message: str) -> None:
+        logger.info(message)
+        self.events.append({"time": time.time(), "message": message})
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.follow.poll_interval_s)
+            try:
+                await self.refresh()
+            except Exception as err:  # noqa: BLE001 - a registry outage must not stop the app; keep serving
+                self._event(f"registry poll failed, keeping {self.targets}: {err}")
+
+    async def refresh(self) -> dict[str, int | None]:
+        targets = await asyncio.to_thread(resolve_targets, self.cfg)
+        if targets != self.targets:
+            self._event(f"registry moved: {self.targets} -> {targets}")
+            self.targets = targets
+        return targets
+
+    async def sync(self, report: dict[str, Any]) -> dict[str, Any]:
+        """A replica's heartbeat: what it serves and what failed; answers what it should serve."""
+        replica = report["replica"]
+        previous = self.replicas.get(replica, {})
+        for role, version in report["versions"].items():
+            if version is not None and previous.get("versions", {}).get(role) != version:
+                self.last_good[role] = version
+                self._event(f"replica {replica} answers {role} with version {version}")
+        for key, error in report["failures"].items():
+            if key not in previous.get("failures", {}):
+                self._event(f"replica {replica} could not load {key}: {error}")
+        self.replicas[replica] = {**report, "seen": time.time()}
+        for record in report.get("shadow", []):
+            self.shadow.append(record)
+            self.shadow_total += 1
+            self.shadow_agreed += int(record["agree"])
+        return {"targets": self.targets, "last_good": self.last_good}
+
+    def _live(self) -> dict[str, dict[str, Any]]:
+        horizon = max(5.0, 3 * self.cfg.follow.sync_interval_s)
+        return {k: v for k, v in self.replicas.items() if time.time() - v["seen"] <= horizon}
+
+    def _settled(self) -> bool:
+        live = self._live()
+        if not live:
+            return False
+        for report in live.values():
+            for role, version in self.targets.items():
+                loaded = report["versions"].get(role)
+                failed = f"{role}:v{version}" in report["failures"]
+                if version is not None and loaded != version and not failed:
+                    return False
+        return True
+
+    async def check_now(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """``mlray rollout``: ask the registry now and wait until every live replica has acted."""
+        await self.refresh()
+        started = time.time()
+        await asyncio.sleep(self.cfg.follow.sync_interval_s)  # let every replica hear about the new targets
+        while not self._settled() and time.time() - started < timeout_s:
+            await asyncio.sleep(0.2)
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        live = self._live()
+        failures = {f"{replica}": report["failures"] for replica, report in live.items() if report["failures"]}
+        on_target = all(
+            report["versions"].get(role) == version
+            for report in live.values() for role, version in self.targets.items() if version is not None
+        )
+        return {
+            "model": self.cfg.model, "alias": self.cfg.alias, "targets": self.targets, "last_good": self.last_good,
+            "replicas": {replica: {"versions": r["versions"], "failures": r["failures"],
+                                   "seen_s_ago": round(time.time() - r["seen"], 1), "node": r.get("node")}
+                         for replica, r in live.items()},
+            "on_target": bool(live) and on_target, "failures": failures,
+            "shadow": {"compared": self.shadow_total, "agreed": self.shadow_agreed},
+            "events": list(self.events)[-20:],
+        }
+
+    def shadow_records(self, limit: int = 100) -> list[dict[str, Any]]:
+        return list(self.shadow)[-limit:]
+
+
+class Follower:
+    """The replica side: which model answers each role, and moving to new versions safely."""
+
+    def __init__(self, cfg: ServeAppConfig, watcher: Any, *, replica: str, node: str, metrics: Any) -> None:
+        self.cfg = cfg
+        self.watcher = watcher
+        self.replica = replica
+        self.node = node
+        self.metrics = metrics
+        self.models: dict[str, ServedModel] = {}
+        self.failures: dict[str, str] = {}  # "role:vN" -> error
+        self._failed_at: dict[str, float] = {}
+        self._shadow_out: list[dict[str, Any]] = []
+
+    def report(self) -> dict[str, Any]:
+        shadow, self._shadow_out = self._shadow_out, []
+        return {"replica": self.replica, "node": self.node, "failures": dict(self.failures), "shadow": shadow,
+                "versions": {role: m.info.version for role, m in self.models.items()}}
+
+    def record_shadow(self, record: dict[str, Any]) -> None:
+        self._shadow_out.append(record)
+
+    async def start(self) -> None:
+        """Load what the watcher says (or the registry, if the watcher cannot be reached yet)."""
+        try:
+            answer = await asyncio.wait_for(self.watcher.sync.remote(self.report()), timeout=30)
+            targets, last_good = answer["targets"], answer["last_good"]
+        except Exception as err:  # noqa: BLE001 - the watcher may be restarting; the registry is the truth
+            logger.warning("Watcher not reachable (%s); resolving %s in the registry", err, self.cfg.target)
+            targets, last_good = await asyncio.to_thread(resolve_targets, self.cfg), {}
+        for role, version in targets.items():
+            if version is None:
+                continue
+            try:
+                await self._load(role, version)
+            except ModelLoadError:
+                fallback = last_good.get(role)
+                if fallback is None or fallback == version or role != "champion":
+                    if role == "champion":
+                        raise
+                    continue
+                logger.warning("Starting on the last good %s, version %s, instead", role, fallback)
+                await self._load(role, fallback)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.follow.sync_interval_s)
+            try:
+                await self.sync_once()
+            except Exception as err:  # noqa: BLE001 - keep serving what is loaded; try again next tick
+                logger.warning("Sync with the registry watcher failed: %s", err)
+
+    async def sync_once(self) -> None:
+        answer = await self.watcher.sync.remote(self.report())
+        wanted = {f"{role}:v{version}" for role, version in answer["targets"].items() if version is not None}
+        for key in [k for k in self.failures if k not in wanted]:  # the registry moved on from a bad version
+            self.failures.pop(key)
+            self._failed_at.pop(key, None)
+        for role, version in answer["targets"].items():
+            current = self.models.get(role)
+            if version is None:
+                if current is not None:
+                    logger.info("The %s alias is gone; %s stops answering", role, role)
+                    self.models.pop(role, None)
+                continue
+            if current is not None and current.info.version == version:
+                continue
+            key = f"{role}:v{version}"
+            if key in self.failures and time.time() - self._failed_at[key] < self.cfg.follow.retry_failed_after_s:
+                continue
+            try:
+                await self._load(role, version)
+            except ModelLoadError:
+                pass  # recorded in _load; the current version keeps serving
+
+    async def _load(self, role: str, version: int) -> None:
+        key = f"{role}:v{version}"
+        started = time.perf_counter()
+        try:
+            served = await asyncio.to_thread(self._load_and_warm, version)
+        except Exception as err:  # noqa: BLE001 - any failure means this version must not take traffic
+            message = f"{type(err).__name__}: {err}"
+            self.failures[key] = message
+            self._failed_at[key] = time.time()
+            self.metrics.load_failures.inc(tags={"model": self.cfg.model, "version": str(version)})
+            keeping = self.models.get(role)
+            logger.error("Version %s for %s failed to load (%s); %s", version, role, message,
+                         f"version {keeping.info.version} keeps serving" if keeping else "nothing to fall back to")
+            raise ModelLoadError(message) from err
+        alias = self.cfg.alias if role == "champion" else (self.cfg.challenger.alias if self.cfg.challenger else None)
+        self.models[role] = dataclasses.replace(served, alias=alias)  # the swap: new requests use it from here
+        self.failures.pop(key, None)
+        seconds = time.perf_counter() - started
+        self.metrics.load_seconds.set(seconds, tags={"model": self.cfg.model, "version": str(version)})
+        self.metrics.serving_version.set(version, tags={"model": self.cfg.model, "role": role})
+        logger.info("Now answering %s with version %s (loaded and warmed up in %.2f s)", role, version, seconds)
+
+    def _load_and_warm(self, version: int) -> ServedModel:
+        served = load_registered(self.cfg.model, version=version, tracking_uri=self.cfg.tracking_uri)
+        rows = self.cfg.follow.warmup_rows
+        warm = served.loaded.predict_proba(np.zeros((rows, served.loaded.num_features), dtype=np.float32))
+        if warm.shape != (rows, len(served.loaded.class_names)) or not np.isfinite(warm).all():
+            raise ModelLoadError(f"version {version} answered its warm-up batch with shape {warm.shape} "
+                                 f"or non-finite values")
+        return served
