@@ -1,0 +1,256 @@
+"""Acceptance (f), (g), (h), (i) of the serving issue, on one app deployed from the cluster's Serve YAML
+(`serve_apps/digits.cluster.yaml`, API keys on):
+
+- auth: every route of the app is either public or refuses a request without a key (401), a wrong key
+  (403), and answers a right one;
+- the V1, V2 and `/invocations` routes answer the same predictions, and errors follow each protocol;
+- a property-based fuzz of 240 generated bodies: no 5xx, the replica unchanged afterwards;
+- the replica metrics, scraped from Ray's metrics export endpoint after the traffic above.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mlray.config import parse_config
+from mlray.data import sample_test_rows
+from mlray.serving.auth import add_key_to_file, is_public
+from tests.conftest import deploy_app, register_copy
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_SERVE_YAML = REPO / "serve_apps" / "digits.cluster.yaml"
+
+
+@pytest.fixture(scope="module")
+def secure(trained, serve_port, tmp_path_factory):
+    """The cluster YAML's app args (auth on), with the key file pointed at a throwaway one."""
+    from mlray.registry import promote
+    from mlray.serving.deploy import load_plan
+
+    plan = load_plan(CLUSTER_SERVE_YAML)
+    assert plan.args["auth"]["enabled"] is True, "the cluster's Serve config must require API keys"
+    key_file = tmp_path_factory.mktemp("keys") / "api_keys"
+    key = add_key_to_file(key_file)
+    version = register_copy("proto", trained)
+    promote("proto", version=version, alias="champion")
+    args = {**plan.args, "model": "proto", "auth": {**plan.args["auth"], "keys_file": str(key_file), "keys_env": None}}
+    url = deploy_app("proto", args, port=serve_port)
+    yield url, key, version
+    from ray import serve
+
+    serve.delete("proto")
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _concrete(path: str) -> str:
+    return path.replace("{name}", "proto")
+
+
+def test_every_route_is_public_or_protected(secure):
+    from fastapi.routing import APIRoute
+    from starlette.routing import Route
+
+    from mlray.serving.app import api
+
+    url, key, _ = secure
+    # Every route the running app has: its OpenAPI paths (the class's routes, added in the replica) and
+    # FastAPI's own documentation routes.
+    spec = requests.get(f"{url}/openapi.json", timeout=10).json()
+    routes = {(method.upper(), path) for path, methods in spec["paths"].items() for method in methods}
+    routes |= {(method, route.path) for route in api.routes if isinstance(route, (APIRoute, Route))
+               for method in route.methods or {"GET"} if method != "HEAD"}
+    assert len(routes) >= 16, sorted(routes)  # 12 of the app, 4 of FastAPI
+    checked = []
+    for method, template in sorted(routes):
+        path = _concrete(template)
+        anonymous = requests.request(method, f"{url}{path}", timeout=30)
+        if is_public(path):
+            assert anonymous.status_code not in (401, 403), (method, path, anonymous.status_code)
+        else:
+            assert anonymous.status_code == 401, f"{method} {path} is neither public nor protected"
+            assert anonymous.headers["www-authenticate"].startswith("Bearer")
+            wrong = requests.request(method, f"{url}{path}", headers=_auth("not-the-key"), timeout=30)
+            assert wrong.status_code == 403, (method, path)
+            right = requests.request(method, f"{url}{path}", headers=_auth(key), timeout=30)
+            assert right.status_code not in (401, 403), (method, path, right.text)
+        checked.append(f"{method} {path}")
+    protected = [c for c in checked if not is_public(c.split(" ", 1)[1])]
+    assert {"POST /v1/models/proto:predict", "POST /v2/models/proto/infer", "POST /invocations"} <= set(protected)
+    assert {"GET /healthz", "GET /v2/health/ready", "GET /v2/models/proto/ready"} <= set(checked) - set(protected)
+    # an unknown path does not tell an anonymous caller whether it exists
+    assert requests.get(f"{url}/v1/nothing", timeout=10).status_code == 401
+
+
+def test_no_key_wrong_key_right_key(secure):
+    url, key, version = secure
+    body = {"instances": [[0.0] * 64]}
+    assert requests.post(f"{url}/v1/models/proto:predict", json=body, timeout=10).status_code == 401
+    wrong = requests.post(f"{url}/invocations", json=body, headers=_auth(key + "x"), timeout=10)
+    assert wrong.status_code == 403 and wrong.json()["error_code"] == "PERMISSION_DENIED"
+    right = requests.post(f"{url}/v1/models/proto:predict", json=body, headers=_auth(key), timeout=10)
+    assert right.status_code == 200 and right.headers["x-model-version"] == str(version)
+
+
+def test_v1_v2_and_invocations_answer_the_same(secure):
+    url, key, version = secure
+    x, _ = sample_test_rows(parse_config({}).data, seed=42, count=32)
+    headers = _auth(key)
+    v1 = requests.post(f"{url}/v1/models/proto:predict", json={"instances": x.tolist()}, headers=headers, timeout=30)
+    assert v1.status_code == 200, v1.text
+    expected = np.asarray(v1.json()["predictions"])
+
+    v2 = requests.post(f"{url}/v2/models/proto/infer", headers=headers, timeout=30, json={
+        "id": "req-1", "inputs": [{"name": "input", "shape": [32, 64], "datatype": "FP32",
+                                   "data": x.reshape(-1).tolist()}]})
+    assert v2.status_code == 200, v2.text
+    body = v2.json()
+    assert body["id"] == "req-1" and body["model_name"] == "proto" and body["model_version"] == str(version)
+    outputs = {o["name"]: o for o in body["outputs"]}
+    assert outputs["probabilities"]["shape"] == [32, 10] and outputs["probabilities"]["datatype"] == "FP32"
+    np.testing.assert_allclose(np.asarray(outputs["probabilities"]["data"]).reshape(32, 10), expected, atol=1e-6)
+    assert outputs["label"]["data"] == v1.json()["labels"]
+
+    names = requests.get(f"{url}/v2/models/proto", headers=headers, timeout=10).json()
+    assert names["inputs"][0]["shape"] == [-1, 64] and names["versions"] == [str(version)]
+    meta = requests.get(f"{url}/v1/models/proto", headers=headers, timeout=10).json()
+    columns = meta["inputs"]["feature_names"]
+    order = list(reversed(range(64)))
+    formats = {
+        "dataframe_split": {"dataframe_split": {"columns": [columns[i] for i in order],
+                                                "data": x[:, order].tolist()}},
+        "dataframe_records": {"dataframe_records": [dict(zip(columns, row, strict=True)) for row in x.tolist()]},
+        "instances": {"instances": x.tolist()},
+        "inputs": {"inputs": {c: x[:, i].tolist() for i, c in enumerate(columns)}},
+    }
+    for name, payload in formats.items():
+        answer = requests.post(f"{url}/invocations", json=payload, headers=headers, timeout=30)
+        assert answer.status_code == 200, (name, answer.text)
+        np.testing.assert_allclose(np.asarray(answer.json()["predictions"]), expected, atol=1e-6, err_msg=name)
+
+    # the same mistake, in each protocol's own error shape
+    bad_v1 = requests.post(f"{url}/v1/models/proto:predict", json={"instances": [[1.0] * 63]}, headers=headers,
+                           timeout=10)
+    assert bad_v1.status_code == 422 and "63 features" in bad_v1.json()["error"]
+    bad_v2 = requests.post(f"{url}/v2/models/proto/infer", headers=headers, timeout=10, json={
+        "inputs": [{"name": "input", "shape": [1, 63], "datatype": "FP32", "data": [1.0] * 63}]})
+    assert bad_v2.status_code == 400 and set(bad_v2.json()) == {"error"} and "shape" in bad_v2.json()["error"]
+    bad_mlflow = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["nope"], "data": [[1]]}},
+                               headers=headers, timeout=10)
+    assert bad_mlflow.status_code == 400
+    assert bad_mlflow.json()["error_code"] == "BAD_REQUEST" and "nope" in bad_mlflow.json()["message"]
+    assert requests.get(f"{url}/docs", timeout=10).status_code == 200
+    assert "/v2/models/{name}/infer" in requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]
+
+
+# -- h: property-based fuzz ------------------------------------------------------------------------------------
+
+JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.text(max_size=8),
+                      st.floats(allow_nan=False, allow_infinity=False))
+JSON = st.recursive(JSON_LEAF, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=6),
+                                                                                           inner, max_size=4),
+                    max_leaves=30)
+NUMBER = st.one_of(st.floats(allow_nan=False, allow_infinity=False, width=32), st.integers(-1000, 1000))
+ROW = st.lists(NUMBER, min_size=62, max_size=66) | st.lists(JSON_LEAF, min_size=64, max_size=64)
+V1_BODY = st.fixed_dictionaries({"instances": st.lists(ROW, max_size=4) | JSON})
+V2_BODY = st.fixed_dictionaries({"inputs": st.lists(st.fixed_dictionaries({
+    "name": st.text(max_size=6), "shape": st.lists(st.integers(-2, 70), max_size=3),
+    "datatype": st.sampled_from(["FP32", "FP64", "INT64", "BYTES", "BOOL", "fp32", "UINT8"]),
+    "data": st.lists(NUMBER, max_size=130) | JSON}), max_size=2)}, optional={"outputs": JSON, "id": JSON})
+MLFLOW_BODY = st.dictionaries(st.sampled_from(["dataframe_split", "dataframe_records", "instances", "inputs",
+                                               "params", "other"]), JSON | st.lists(ROW, max_size=3), max_size=3)
+ROUTES = {"v1": "/v1/models/proto:predict", "v2": "/v2/models/proto/infer", "mlflow": "/invocations"}
+
+
+def test_fuzzed_bodies_never_get_a_5xx(secure):
+    from mlray.serving.deploy import app_status
+
+    url, key, _ = secure
+    before = set(app_status("proto")["replicas"])
+    seen: list[int] = []
+    session = requests.Session()
+    session.headers.update(_auth(key))
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(route=st.sampled_from(sorted(ROUTES)), body=st.data())
+    def fuzz(route: str, body: st.DataObject) -> None:
+        strategy = {"v1": V1_BODY | JSON, "v2": V2_BODY | JSON, "mlflow": MLFLOW_BODY | JSON}[route]
+        payload = json.dumps(body.draw(strategy))
+        response = session.post(f"{url}{ROUTES[route]}", data=payload, timeout=30)
+        seen.append(response.status_code)
+        assert response.status_code < 500, (route, payload[:300], response.text[:300])
+        answer = response.json()
+        if response.status_code != 200:
+            assert ("error_code" in answer) if route == "mlflow" else ("error" in answer), answer
+
+    for _ in range(3):  # 3 x 80 = 240 generated bodies
+        fuzz()
+    assert len(seen) == 240
+    assert set(seen) - {200, 400, 413, 422} == set(), sorted(set(seen))
+    after = app_status("proto")
+    assert set(after["replicas"]) == before, "a replica was replaced during the fuzz"
+
+    from ray import serve
+
+    replicas = serve.status().applications["proto"].deployments["ModelServer"].replica_states
+    assert replicas == {"RUNNING": 1}
+
+
+# -- i: metrics -----------------------------------------------------------------------------------------------
+
+def _scrape() -> str:
+    import ray
+
+    texts = []
+    for node in ray.nodes():
+        if node["Alive"] and node.get("MetricsExportPort"):
+            try:
+                texts.append(requests.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics",
+                                          timeout=10).text)
+            except requests.RequestException:
+                continue
+    return "\n".join(texts)
+
+
+def _series(text: str, name: str, **labels: str) -> list[float]:
+    values = []
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            values.append(float(line.rsplit(" ", 1)[1]))
+    return values
+
+
+def test_metrics_are_scraped_from_rays_endpoint(secure):
+    url, key, version = secure
+    for _ in range(5):
+        requests.post(f"{url}/v1/models/proto:predict", json={"instances": [[0.0] * 64] * 3}, headers=_auth(key),
+                      timeout=10)
+        requests.post(f"{url}/invocations", json={"instances": [[0.0] * 64]}, timeout=10)  # 401
+    wanted = {"model": "proto", "version": str(version), "protocol": "v1", "status": "200", "role": "champion"}
+
+    def scraped() -> str | None:  # the agent exports what replicas report every few seconds
+        text = _scrape()
+        answered = sum(_series(text, "ray_mlray_requests_total", **wanted))
+        refused = sum(_series(text, "ray_mlray_requests_total", model="proto", protocol="mlflow", status="401"))
+        return text if answered >= 5 and refused >= 5 else None
+
+    text = wait_for(scraped, timeout=90, interval=2, what="mlray request counts on Ray's metrics endpoint")
+    assert _series(text, "ray_mlray_request_latency_seconds_count", model="proto", protocol="v1")
+    assert _series(text, "ray_mlray_batch_rows_bucket", model="proto", le="4.0")
+    loaded = _series(text, "ray_mlray_model_load_seconds", model="proto", version=str(version))
+    assert loaded and 0 < loaded[0] < 120
+    assert re.search(r'ray_mlray_serving_version\{[^}]*model="proto"[^}]*role="champion"[^}]*\} ' + f"{version}",
+                     text)
