@@ -40,6 +40,3 @@ class ServingMetrics:
         self.shadow = metrics.Counter(
             "mlray_shadow_comparisons", description="shadow predictions, by whether the challenger agreed",
             tag_keys=("model", "version", "agree"))
-        self.rejected = metrics.Counter(
-            "mlray_rejected_requests", description="requests refused by backpressure (503) or timed out (504)",
-            tag_keys=("model", "reason"))

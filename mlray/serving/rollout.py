@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections import deque
 from typing import Any
@@ -140,7 +141,8 @@ class RegistryWatcher:
         return {
             "model": self.cfg.model, "alias": self.cfg.alias, "targets": self.targets, "last_good": self.last_good,
             "replicas": {replica: {"versions": r["versions"], "failures": r["failures"],
-                                   "seen_s_ago": round(time.time() - r["seen"], 1), "node": r.get("node")}
+                                   "seen_s_ago": round(time.time() - r["seen"], 1), "node": r.get("node"),
+                                   "pid": r.get("pid")}
                          for replica, r in live.items()},
             "on_target": bool(live) and on_target, "failures": failures,
             "shadow": {"compared": self.shadow_total, "agreed": self.shadow_agreed},
@@ -167,7 +169,8 @@ class Follower:
 
     def report(self) -> dict[str, Any]:
         shadow, self._shadow_out = self._shadow_out, []
-        return {"replica": self.replica, "node": self.node, "failures": dict(self.failures), "shadow": shadow,
+        return {"replica": self.replica, "node": self.node, "pid": os.getpid(), "failures": dict(self.failures),
+                "shadow": shadow,
                 "versions": {role: m.info.version for role, m in self.models.items()}}
 
     def record_shadow(self, record: dict[str, Any]) -> None:
