@@ -39,8 +39,9 @@ def ray_processes() -> list[str]:
 class SteadyLoad:
     """Single-row requests in background threads until stopped, bounded in count and time; loopback only.
 
-    Records (status, x-model-version, x-model-role) of every final answer. ``retry_on_503`` makes it the
-    client the issue describes: it retries a 503 (after ``Retry-After``, capped) before giving up.
+    Records (status, x-model-version, x-model-role) of every final answer, (status, body, "") of errors.
+    ``retry_on_503`` makes it the client the issue describes: it retries a 503 (after ``Retry-After``,
+    capped) before giving up.
     """
 
     def __init__(self, url: str, *, row: list[float], threads: int = 2, max_requests: int = 20_000,
@@ -82,6 +83,8 @@ class SteadyLoad:
                     self.retries += 1
                 time.sleep(min(float(response.headers.get("retry-after", "1") or 1), 0.5))
                 continue
+            if response.status_code != 200:
+                return (response.status_code, response.text[:300], "")
             return (response.status_code, response.headers.get("x-model-version", ""),
                     response.headers.get("x-model-role", ""))
         raise AssertionError("unreachable")

@@ -141,8 +141,7 @@ class ModelServer:
         )
         await self.follower.start()  # loads and warms up; the replica is not healthy before this returns
         self._background: set[asyncio.Task[Any]] = set()
-        if self.cfg.follow.enabled and self.cfg.version is None:
-            self._spawn(self.follower.run())
+        self._spawn(self.follower.run())
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -199,12 +199,23 @@ class Follower:
                 await self._load(role, fallback)
 
     async def run(self) -> None:
+        """The replica's heartbeat: follow the registry (unless pinned or told not to), refresh gauges."""
+        following = self.cfg.follow.enabled and self.cfg.version is None
         while True:
             await asyncio.sleep(self.cfg.follow.sync_interval_s)
             try:
-                await self.sync_once()
+                if following:
+                    await self.sync_once()
             except Exception as err:  # noqa: BLE001 - keep serving what is loaded; try again next tick
                 logger.warning("Sync with the registry watcher failed: %s", err)
+            self.export_gauges()
+
+    def export_gauges(self) -> None:
+        """Ray exports a gauge's value once after it is set, so the current state is set on every tick."""
+        for role, served in self.models.items():
+            version = served.info.version
+            self.metrics.serving_version.set(version, tags={"model": self.cfg.model, "role": role})
+            self.metrics.load_seconds.set(served.load_seconds, tags={"model": self.cfg.model, "version": str(version)})
 
     async def sync_once(self) -> None:
         answer = await self.watcher.sync.remote(self.report())
@@ -244,9 +255,9 @@ class Follower:
                          f"version {keeping.info.version} keeps serving" if keeping else "nothing to fall back to")
             raise ModelLoadError(message) from err
         alias = self.cfg.alias if role == "champion" else (self.cfg.challenger.alias if self.cfg.challenger else None)
-        self.models[role] = dataclasses.replace(served, alias=alias)  # the swap: new requests use it from here
-        self.failures.pop(key, None)
         seconds = time.perf_counter() - started
+        self.models[role] = dataclasses.replace(served, alias=alias, load_seconds=seconds)  # the swap
+        self.failures.pop(key, None)
         self.metrics.load_seconds.set(seconds, tags={"model": self.cfg.model, "version": str(version)})
         self.metrics.serving_version.set(version, tags={"model": self.cfg.model, "role": role})
         logger.info("Now answering %s with version %s (loaded and warmed up in %.2f s)", role, version, seconds)

@@ -11,18 +11,17 @@ import requests
 
 from mlray.config import parse_config
 from mlray.data import sample_test_rows
-from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def served(trained):
+def served(trained, serve_port):
     from mlray.registry import promote
     from mlray.serving.deploy import deploy, load_plan
 
     promote("digits", version=trained.version, alias="champion")
-    url = deploy(load_plan(None, port=free_port()))
+    url = deploy(load_plan(None, port=serve_port))  # serve_apps/digits.yaml, as `serve deploy` reads it
     yield url
     from ray import serve
 
