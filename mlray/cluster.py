@@ -83,7 +83,9 @@ def start_head(*, num_cpus: int | None = None, dashboard_port: int = DASHBOARD_P
            "--disable-usage-stats"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
-    env = {**os.environ, **settings.ray_process_env()}
+    from mlray.serve_env import serve_head_env
+
+    env = {**os.environ, **settings.ray_process_env(), **serve_head_env(settings.home())}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if done.returncode != 0:
         raise MlrayError(f"`ray start --head` failed ({done.returncode}):\n{done.stderr[-2000:]}")

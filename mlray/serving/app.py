@@ -19,6 +19,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, cast
 
 import numpy as np
@@ -88,8 +89,7 @@ class MetricsMiddleware:
             protocol = _protocol(route_path(scope))
             if protocol != "other":
                 model = _Replica.model
-                metrics.requests.inc(tags={"model": model, "version": seen["version"], "role": seen["role"],
-                                           "protocol": protocol, "status": seen["status"]})
+                metrics.count_request(model, seen["version"], seen["role"], protocol, seen["status"])
                 metrics.latency.observe(time.perf_counter() - started,
                                         tags={"model": model, "version": seen["version"], "protocol": protocol})
 
@@ -187,9 +187,16 @@ class ModelServer:
         self.metrics.batch_size.observe(len(x), tags={"model": self.cfg.model, "version": str(served.info.version)})
         return served.loaded.predict_proba(x)  # a request this large is a batch already
 
-    async def _answer(self, request: Request, x: np.ndarray) -> tuple[np.ndarray, ServedModel, dict[str, str]]:
-        """Admission, the champion/challenger choice, the model call, the shadow copy; returns headers too."""
+    async def _answer(self, request: Request, parse: Callable[[Any, int], Any]
+                      ) -> tuple[Any, np.ndarray, ServedModel, dict[str, str]]:
+        """Admission first (a refused request costs no parsing), then the body checked by ``parse(payload,
+        num_features)``, the champion/challenger choice, the model call and the shadow copy.
+
+        ``parse`` returns the (N, F) array, or an object with it as ``.x``; that is returned too.
+        """
         async with self.admission.admit() as left_s:
+            parsed = parse(await self._body(request), self._champion.loaded.num_features)
+            x = parsed if isinstance(parsed, np.ndarray) else parsed.x
             role = self._choose(request)
             served = self.follower.models[role]
             probabilities = await self.admission.run(self._run_model(served, x), left_s=left_s)
@@ -200,7 +207,7 @@ class ModelServer:
         info = served.info
         headers = {"x-model-name": info.name, "x-model-version": str(info.version), "x-model-run-id": info.run_id,
                    "x-model-role": role, "x-request-id": request.headers.get("x-request-id") or uuid.uuid4().hex}
-        return probabilities, served, headers
+        return parsed, probabilities, served, headers
 
     async def _shadow(self, x: np.ndarray, champion: ServedModel, answered: np.ndarray) -> None:
         challenger = self.follower.models.get("challenger")
@@ -259,9 +266,9 @@ class ModelServer:
     @api.post("/v1/models/{name}:predict")
     async def predict(self, name: str, request: Request) -> JSONResponse:
         self._check_name(name)
-        x = parse_v1(await self._body(request), num_features=self._champion.loaded.num_features,
-                     max_rows=self.cfg.max_rows)
-        probabilities, served, headers = await self._answer(request, x)
+        max_rows = self.cfg.max_rows
+        _, probabilities, served, headers = await self._answer(
+            request, lambda payload, features: parse_v1(payload, num_features=features, max_rows=max_rows))
         classes = served.loaded.class_names
         body = {"predictions": probabilities.tolist(), "labels": [classes[i] for i in probabilities.argmax(axis=1)],
                 "model_name": served.info.name, "model_version": served.info.version}
@@ -293,9 +300,10 @@ class ModelServer:
     @api.post("/v2/models/{name}/infer")
     async def v2_infer(self, name: str, request: Request) -> JSONResponse:
         self._check_name(name)
-        parsed = protocols.parse_v2_infer(await self._body(request), num_features=self._champion.loaded.num_features,
-                                          max_rows=self.cfg.max_rows)
-        probabilities, served, headers = await self._answer(request, parsed.x)
+        max_rows = self.cfg.max_rows
+        parsed, probabilities, served, headers = await self._answer(
+            request, lambda payload, features: protocols.parse_v2_infer(payload, num_features=features,
+                                                                        max_rows=max_rows))
         body = protocols.v2_infer_response(probabilities, served.loaded.class_names, model_name=name,
                                            model_version=str(served.info.version), request_id=parsed.id,
                                            outputs=parsed.outputs)
@@ -313,9 +321,9 @@ class ModelServer:
 
     @api.post("/invocations")
     async def invocations(self, request: Request) -> JSONResponse:
-        x = protocols.parse_invocations(await self._body(request),
-                                        feature_names=self._champion.loaded.feature_names, max_rows=self.cfg.max_rows)
-        probabilities, _, headers = await self._answer(request, x)
+        names, max_rows = self._champion.loaded.feature_names, self.cfg.max_rows
+        _, probabilities, _, headers = await self._answer(
+            request, lambda payload, _: protocols.parse_invocations(payload, feature_names=names, max_rows=max_rows))
         return JSONResponse(protocols.invocations_response(probabilities), headers=headers)
 
     def check_health(self) -> None:

@@ -40,3 +40,16 @@ class ServingMetrics:
         self.shadow = metrics.Counter(
             "mlray_shadow_comparisons", description="shadow predictions, by whether the challenger agreed",
             tag_keys=("model", "version", "agree"))
+        self._pending: dict[tuple[str, str, str, str, str], int] = {}
+
+    def count_request(self, model: str, version: str, role: str, protocol: str, status: str) -> None:
+        """Counted here and handed to Ray once per heartbeat (:meth:`flush`): a dict update per request
+        instead of a call into Ray's metrics recorder."""
+        key = (model, version, role, protocol, status)
+        self._pending[key] = self._pending.get(key, 0) + 1
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for (model, version, role, protocol, status), count in pending.items():
+            self.requests.inc(count, tags={"model": model, "version": version, "role": role, "protocol": protocol,
+                                           "status": status})

@@ -211,7 +211,9 @@ class Follower:
             self.export_gauges()
 
     def export_gauges(self) -> None:
-        """Ray exports a gauge's value once after it is set, so the current state is set on every tick."""
+        """Ray exports a gauge's value once after it is set, so the current state is set on every tick;
+        request counts gathered since the last tick go to Ray too."""
+        self.metrics.flush()
         for role, served in self.models.items():
             version = served.info.version
             self.metrics.serving_version.set(version, tags={"model": self.cfg.model, "role": role})

