@@ -122,7 +122,8 @@ def test_replica_killed_and_node_removed_under_load(model, serve_port, slot_node
         assert all(status == 500 for status, _, _ in casualties), casualties[:5]
         assert len(casualties) <= 2 * 2, casualties  # at most one in flight per client thread per disruption
         assert load.count() > 100 and len(casualties) < load.count() / 50
-        assert len({r["node"] for r in _replicas("ha")}) == 2
+        wait_for(lambda: len({r["node"] for r in _replicas("ha")}) == 2, timeout=60,
+                 what="the 2 replicas on 2 nodes, as reported to the watcher")
     finally:
         from ray import serve
 
