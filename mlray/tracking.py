@@ -50,13 +50,27 @@ def client(tracking_uri: str | None = None):  # type: ignore[no-untyped-def]
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def artifact_location(name: str) -> str | None:
+    """Where a new experiment called ``name`` keeps its artifacts; None lets the tracking server choose.
+
+    An absolute folder under the artifact root, named after the experiment. Under an MLflow server's proxied
+    root (``mlflow-artifacts:``, as on a cluster) the server chooses ``mlflow-artifacts:/<experiment id>``:
+    its basic-auth app authorizes an artifact upload by the experiment id that starts the path, and refused
+    (403) every upload of a run under ``mlflow-artifacts:/digits``.
+    """
+    root = settings.artifact_root()
+    if root.startswith("mlflow-artifacts:"):
+        return None
+    return f"{root.rstrip('/')}/{name}"
+
+
 def experiment_id(name: str, *, tracking_uri: str | None = None) -> str:
-    """The experiment's id, creating it with an absolute artifact location when it is new."""
+    """The experiment's id, creating it with its :func:`artifact_location` when it is new."""
     mlflow_client = client(tracking_uri)
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
         return str(found.experiment_id)
-    location = f"{settings.artifact_root().rstrip('/')}/{name}"
+    location = artifact_location(name)
     try:
         return str(mlflow_client.create_experiment(name, artifact_location=location))
     except Exception:  # noqa: BLE001 - another process created it first

@@ -64,6 +64,23 @@ def test_quickstart_trains_serves_and_says_where_to_look(quickstart, env):
     assert requests.get("http://127.0.0.1:8265/api/version", timeout=10).status_code == 200
 
 
+def test_the_local_default_serves_through_haproxy_on_loopback_only(quickstart):
+    """mlray's head runs Serve with HAProxy (mlray.serve_env); none of its HTTP listeners reach past loopback:
+    the frontend, HAProxy's stats and metrics ports (rewritten by mlray's wrapper), the replicas' direct
+    ingress ports (30000-31000), the dashboard."""
+    from mlray.listeners import listeners
+
+    port, _ = quickstart
+    found = listeners()
+    haproxy = [item for item in found if item.role == "ray-serve-haproxy"]
+    assert len(haproxy) >= 3, found  # the frontend, stats, Prometheus
+    assert [item for item in haproxy if item.exposed] == []
+    assert port in {item.port for item in haproxy}
+    direct = [item for item in found if 30000 <= item.port <= 31000]
+    assert direct and [item for item in direct if item.exposed] == []
+    assert [item for item in found if item.port in (port, 8265) and item.exposed] == []
+
+
 def test_ray_job_submit_registers_a_new_version(quickstart, env):
     done = run([str(BIN / "ray"), "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".",
                 "--", "python", "jobs/train.py", "--config", "configs/digits.yaml", "--epochs", "5"], env)

@@ -1,8 +1,10 @@
-"""`cluster.yaml` passes Ray's own cluster-config validator, offline, and keeps its security properties.
+"""`cluster.yaml` and `cluster.local.yaml` pass Ray's own cluster-config validator, offline, keep their
+security properties, and keep the same head and worker commands.
 
-The validator is the one `ray up` runs before it touches a cloud: `prepare_config` merges the file with the
-AWS provider's defaults (a YAML file shipped with Ray; no boto3, no credentials, no network), then
-`validate_config` checks the result against Ray's JSON schema. Launching the cluster is not tested here.
+The validator is the one `ray up` runs before it touches a machine: `prepare_config` merges the file with the
+provider's defaults (for AWS a YAML file shipped with Ray; no boto3, no credentials, no network), then
+`validate_config` checks the result against Ray's JSON schema. tests/cluster launches cluster.local.yaml for
+real; cluster.yaml's AWS part (instances, security group, IAM, the AMI) is checked only here.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import click
 import jsonschema
 import pytest
 import yaml
@@ -19,6 +22,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = REPO / "cluster.yaml"
+CLUSTER_LOCAL_YAML = REPO / "cluster.local.yaml"
 
 # A literal that looks like a credential. Values that start with `$`, `<`, `"$(` or `...` are references
 # or placeholders, not literals.
@@ -59,6 +63,18 @@ def raw(text: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def prepared(raw: dict[str, Any]) -> dict[str, Any]:
     return validated(raw)
+
+
+@pytest.fixture(scope="module")
+def local_raw() -> dict[str, Any]:
+    return yaml.safe_load(CLUSTER_LOCAL_YAML.read_text())
+
+
+@pytest.fixture(scope="module", params=["cluster.yaml", "cluster.local.yaml"])
+def either(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    """(text, prepared) of each of the two files, for the properties they share."""
+    text = (REPO / request.param).read_text()
+    return text, validated(yaml.safe_load(text))
 
 
 def the_command(commands: list[str], marker: str) -> str:
@@ -129,12 +145,14 @@ def test_what_pip_install_needs_is_mounted_from_the_repository(raw: dict[str, An
         assert (REPO / mounts[remote]).exists(), remote
 
 
-def test_secrets_come_from_a_folder_outside_the_repository(raw: dict[str, Any]) -> None:
-    local = Path(raw["file_mounts"]["~/.mlray/secrets"]).expanduser().resolve()
-    assert REPO not in local.parents and local != REPO
+def test_secrets_come_from_a_folder_outside_the_repository(raw: dict[str, Any], local_raw: dict[str, Any]) -> None:
+    for config in (raw, local_raw):
+        local = Path(config["file_mounts"]["~/.mlray/secrets"]).expanduser().resolve()
+        assert REPO not in local.parents and local != REPO
 
 
-def test_ray_token_auth_on_head_and_workers(prepared: dict[str, Any]) -> None:
+def test_ray_token_auth_on_head_and_workers(either: tuple[str, dict[str, Any]]) -> None:
+    _, prepared = either
     head = the_command(prepared["head_start_ray_commands"], "ray start --head")
     worker = the_command(prepared["worker_start_ray_commands"], "ray start --address=$RAY_HEAD_IP:6379")
     for cmd in (head, worker):
@@ -148,23 +166,28 @@ def test_ray_token_auth_on_head_and_workers(prepared: dict[str, Any]) -> None:
         assert commands.index("ray stop") < starts[0]
 
 
-def test_dashboard_only_on_loopback(text: str, prepared: dict[str, Any]) -> None:
+def test_dashboard_only_on_loopback(either: tuple[str, dict[str, Any]]) -> None:
+    text, prepared = either
     head = the_command(prepared["head_start_ray_commands"], "ray start --head")
     assert "--dashboard-host=127.0.0.1" in head
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
     assert not re.search(r"dashboard-host[= ]0\.0\.0\.0", text)
 
 
-def test_mlflow_server_on_the_head_with_basic_auth_and_proxied_artifacts(prepared: dict[str, Any]) -> None:
+def test_mlflow_server_on_the_head_with_basic_auth_and_proxied_artifacts(either: tuple[str, dict[str, Any]]) -> None:
+    _, prepared = either
     commands = prepared["head_start_ray_commands"]
     server = the_command(commands, "mlflow server")
     assert "--app-name basic-auth" in server
+    # On the head's own address, where the other nodes reach it: not a wildcard, not loopback only.
+    assert "MLFLOW_HOST=$(hostname -I | awk '{print $1}')" in server and "--host $MLFLOW_HOST" in server
+    assert "0.0.0.0" not in server
     assert "--serve-artifacts" in server and "--artifacts-destination" in server
     assert re.search(r"--backend-store-uri (sqlite|postgresql)", server)
     assert "MLFLOW_AUTH_CONFIG_PATH=" in server and ". ~/.mlray/secrets/mlflow.env" in server
     # The server is up (and its jobs user exists) before Ray starts, so jobs never see it missing.
     assert commands.index(server) < commands.index(the_command(commands, "ray start --head"))
-    assert any("'mlflow[auth]==3.17.2'" in cmd for cmd in prepared["head_setup_commands"])
+    assert any("'mlflow[auth]==3.17.2'" in cmd or "import flask_wtf" in cmd for cmd in prepared["head_setup_commands"])
     # Jobs on every node get the server's address, proxied artifacts and their credentials from a file.
     head = the_command(commands, "ray start --head")
     worker = the_command(prepared["worker_start_ray_commands"], "ray start --address")
@@ -179,7 +202,8 @@ def test_no_inbound_rule_is_added_and_nodes_are_terminated_on_down(raw: dict[str
     assert raw["provider"]["cache_stopped_nodes"] is False
 
 
-def test_no_secret_literal_in_the_file(text: str) -> None:
+def test_no_secret_literal_in_the_file(either: tuple[str, dict[str, Any]]) -> None:
+    text, _ = either
     assert secret_literals(text) == []
 
 
@@ -210,3 +234,52 @@ def test_the_secret_check_catches_literals(line: str) -> None:
 )
 def test_the_secret_check_lets_references_through(line: str) -> None:
     assert secret_literals(line) == []
+
+
+# -- cluster.local.yaml: the file tests/cluster launches ---------------------------------------------------
+
+
+def test_the_local_file_passes_rays_validator_with_its_one_node_type(local_raw: dict[str, Any]) -> None:
+    prepared = validated(local_raw)
+    assert prepared["provider"]["type"] == "local"
+    # Ray's local provider makes its own single node type; the worker starts only when a job needs it.
+    assert prepared["available_node_types"] == {"local.cluster.node": {
+        "node_config": {}, "resources": {}, "min_workers": 0, "max_workers": 1}}
+    provider = prepared["provider"]
+    assert provider["worker_ips"] and provider["head_ip"] not in provider["worker_ips"]
+
+
+@pytest.mark.parametrize(
+    ("misspell", "error", "message"),
+    [
+        (lambda c: c.__setitem__("idle_timout_minutes", c.pop("idle_timeout_minutes")), jsonschema.ValidationError,
+         "'idle_timout_minutes' was unexpected"),
+        (lambda c: c.__setitem__("head_setup_comands", c.pop("head_setup_commands")), jsonschema.ValidationError,
+         "'head_setup_comands' was unexpected"),
+        (lambda c: c["provider"].__setitem__("worker_ip", c["provider"].pop("worker_ips")), click.ClickException,
+         "Please supply a `head_ip` and list of `worker_ips`"),
+        (lambda c: c.__setitem__("available_node_types", {"cpu_worker": {}}), click.ClickException,
+         "The field available_node_types is not supported for on-premise clusters"),
+    ],
+)
+def test_a_misspelled_local_field_fails_with_rays_message(local_raw: dict[str, Any], misspell: Any, error: type,
+                                                          message: str) -> None:
+    config = copy.deepcopy(local_raw)
+    misspell(config)
+    with pytest.raises(error, match=re.escape(message)):
+        validated(config)
+
+
+def test_the_local_file_starts_ray_and_mlflow_with_cluster_yamls_commands(raw: dict[str, Any],
+                                                                          local_raw: dict[str, Any]) -> None:
+    # Word for word, but for the line that picks Ray's v1 autoscaler on the local provider (see its header).
+    v1 = "export RAY_enable_autoscaler_v2=0; "
+    local_head = [cmd.replace(v1, "") for cmd in local_raw["head_start_ray_commands"]]
+    assert sum(v1 in cmd for cmd in local_raw["head_start_ray_commands"]) == 1
+    assert local_head == raw["head_start_ray_commands"]
+    assert local_raw["worker_start_ray_commands"] == raw["worker_start_ray_commands"]
+    auth_ini = the_command(raw["head_setup_commands"], "basic_auth.ini")
+    assert the_command(local_raw["head_setup_commands"], "basic_auth.ini") == auth_ini
+    path = the_command(raw["setup_commands"], "mlray-env/bin' ~/.bashrc")
+    assert the_command(local_raw["setup_commands"], "mlray-env/bin' ~/.bashrc") == path
+    assert local_raw["file_mounts"]["~/.mlray/secrets"] == raw["file_mounts"]["~/.mlray/secrets"]
