@@ -54,9 +54,32 @@ Subsystem sftp internal-sftp
 # reach nothing beyond the bridge), so resolv.conf names none: a lookup that /etc/hosts cannot answer fails
 # at once instead of waiting for a server it cannot reach (c10d looks up every peer it accepts).
 BOOT = ("mount --bind {passwd} /etc/passwd && mount --bind {hosts} /etc/hosts"
-        " && mount --bind {resolv} /etc/resolv.conf && mount --bind {homes} /home"
-        " && mount --bind {tmp} /tmp && hostname {name} && mkdir -p /run/sshd"
+        " && mount --bind {resolv} /etc/resolv.conf && mount --bind {homes} /home{keep_before}"
+        " && mount --bind {tmp} /tmp{keep_after} && hostname {name} && mkdir -p /run/sshd"
         " && exec /usr/sbin/sshd -D -e -f /tmp/sshd/sshd_config")
+
+
+def _kept_paths() -> list[str]:
+    """The checkout and its virtualenv ("the machine image"), when they live under /tmp (a CI clone): each
+    host gets its own /tmp, so they are carried over at the same path (scripts name their python by it)."""
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    paths = {str(root), str(Path(sys.prefix).resolve())}
+    under_tmp = sorted(p for p in paths if p.startswith("/tmp/"))
+    return [p for p in under_tmp if not any(p != q and p.startswith(q + "/") for q in under_tmp)]
+
+
+def _keep_mounts() -> tuple[str, str]:
+    """Shell fragments for BOOT: stash the kept paths on a private tmpfs before /tmp is replaced, then
+    bind them back at their own paths."""
+    kept = _kept_paths()
+    if not kept:
+        return "", ""
+    before = " && mount -t tmpfs mlraylab-keep /mnt" + "".join(
+        f" && mkdir /mnt/k{i} && mount --bind {path} /mnt/k{i}" for i, path in enumerate(kept))
+    after = "".join(f" && mkdir -p {path} && mount --bind /mnt/k{i} {path}" for i, path in enumerate(kept))
+    return before, after
 
 
 def missing_prerequisites() -> str | None:
@@ -137,8 +160,9 @@ class Lab:
         for args in (["addr", "add", f"{host.address}/{PREFIX_LEN}", "dev", "eth0"], ["link", "set", "eth0", "up"],
                      ["link", "set", "lo", "up"], ["route", "add", "default", "via", GATEWAY]):
             run(["ip", "-n", ns, *args])
+        keep_before, keep_after = _keep_mounts()
         boot = BOOT.format(passwd=passwd, hosts=hosts_file, resolv=self.root / "resolv.conf", homes=self.home.parent,
-                           tmp=tmp, name=host.name)
+                           tmp=tmp, name=host.name, keep_before=keep_before, keep_after=keep_after)
         log = (self.root / f"{host.name}.sshd.log").open("wb")
         host.process = subprocess.Popen(
             ["ip", "netns", "exec", ns, "unshare", "--pid", "--fork", "--mount-proc", "--uts", "--kill-child",
