@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from mlray.errors import BadRequest, InvalidInput, MlrayError, PayloadTooLarge
-from mlray.serving.validation import _describe, _to_float32, rows_as_float32
+from mlray.serving.validation import _describe, _to_float32, check_row_list, rows_as_float32
 
 _MISSING = object()
 
@@ -299,12 +299,8 @@ def _column_order(columns: Any, *, field: str, feature_names: list[str]) -> list
 
 def _records(records: Any, *, field: str, feature_names: list[str], max_rows: int) -> np.ndarray:
     """``[{column: value, ...}, ...]`` -> (N, F)."""
-    if not isinstance(records, list):
-        raise InvalidInput(f"'{field}' must be a list of records {{column: value}}, got {_describe(records)}")
-    if not records:
-        raise InvalidInput(f"'{field}' is empty; send at least one record of {len(feature_names)} columns")
-    if len(records) > max_rows:
-        raise PayloadTooLarge(f"'{field}' has {len(records)} rows; the limit is {max_rows} per request")
+    check_row_list(records, field=field, max_rows=max_rows, kind="records {column: value}",
+                   one=f"record of {len(feature_names)} columns")
     f = len(feature_names)
     values = _record_values(records, feature_names)
     if values is None:  # some record is not exactly the features: find it and name the problem

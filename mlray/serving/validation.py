@@ -94,14 +94,20 @@ def rows_as_float32(rows: Any, *, field: str, num_features: int, max_rows: int) 
                        where=lambda k: f"{field}[{k // num_features}][{k % num_features}]")
 
 
+def check_row_list(value: Any, *, field: str, max_rows: int, kind: str, one: str) -> None:
+    """``value`` is a non-empty list of at most ``max_rows`` items (``kind``, e.g. "rows"; ``one``, e.g.
+    "row of 64 numbers", names an item in the messages)."""
+    if not isinstance(value, list):
+        raise InvalidInput(f"'{field}' must be a list of {kind}, got {_describe(value)}")
+    if not value:
+        raise InvalidInput(f"'{field}' is empty; send at least one {one}")
+    if len(value) > max_rows:
+        raise PayloadTooLarge(f"'{field}' has {len(value)} rows; the limit is {max_rows} per request")
+
+
 def rows_to_array(rows: Any, *, field: str, num_features: int, max_rows: int) -> np.ndarray:
     """A list of rows of ``num_features`` finite numbers -> (N, F) float32 array."""
-    if not isinstance(rows, list):
-        raise InvalidInput(f"'{field}' must be a list of rows, got {_describe(rows)}")
-    if not rows:
-        raise InvalidInput(f"'{field}' is empty; send at least one row of {num_features} numbers")
-    if len(rows) > max_rows:
-        raise PayloadTooLarge(f"'{field}' has {len(rows)} rows; the limit is {max_rows} per request")
+    check_row_list(rows, field=field, max_rows=max_rows, kind="rows", one=f"row of {num_features} numbers")
     for i, row in enumerate(rows):
         if not isinstance(row, list):
             raise InvalidInput(f"'{field}[{i}]' must be a list of {num_features} numbers, got {_describe(row)}")
