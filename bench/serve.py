@@ -213,8 +213,7 @@ def run_trial(spec: dict[str, Any], *, logs: Path, timeout_s: float = 900) -> di
     spec_file, out_file, log = logs / f"trial-{name}.json", logs / f"trial-{name}.out.json", logs / f"trial-{name}.log"
     spec_file.write_text(json.dumps({**spec, "out": str(out_file)}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    lockdown = " + loopback lockdown" if spec.get("lockdown") else ""
-    print(f"  Serve trial {spec['name']!r}: env {spec['env'] or '{}'}{lockdown}", flush=True)
+    print(f"  Serve trial {spec['name']!r}: env {spec['env'] or '{}'}", flush=True)
     with log.open("wb") as out:
         done = subprocess.run([sys.executable, "-m", "bench._serve.serve_trial", str(spec_file)], cwd=REPO, env=env,
                               stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s)
@@ -248,17 +247,18 @@ def sweep(body: dict[str, str], *, args: argparse.Namespace, seconds: float, war
             for mode in args.modes]
 
 
-def serve_settings() -> tuple[dict[str, str], bool, str]:
+def serve_settings() -> tuple[dict[str, str], str]:
     """The Serve environment for mlray's row: mlray's own, once it sets one, else this file's recommendation.
 
-    Returns the environment, whether to add the HAProxy loopback wrapper, and where the settings came from.
+    Returns the environment and where it came from. Every trial gets mlray's per-head HAProxy files and its
+    loopback wrapper (``serve_trial.isolation_env``).
     """
     from mlray import settings
 
     own = {k: v for k, v in settings.ray_process_env().items() if k.startswith("RAY_SERVE_")}
     if own:
-        return own, "RAY_SERVE_HAPROXY_BINARY_PATH" not in own, "mlray.settings.ray_process_env()"
-    return RECOMMENDED_ENV, True, "mlray.serve_env.FAST_SERVE_ENV (what `ray start` gets from mlray)"
+        return own, "mlray.settings.ray_process_env()"
+    return RECOMMENDED_ENV, "mlray.serve_env.FAST_SERVE_ENV (what `ray start` gets from mlray)"
 
 
 # -- main ------------------------------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def main() -> None:
 
     model = prepare_model(epochs=args.epochs)
     body = bodies(model)
-    serve_env, lockdown, env_source = serve_settings()
+    serve_env, env_source = serve_settings()
     results: dict[str, list[LoadResult]] = {}
     if "mlflow" not in args.skip:
         print("Measuring `mlflow models serve`", flush=True)
@@ -313,7 +313,7 @@ def main() -> None:
                        "replicas": args.replicas, "access_log": args.access_log == "on"}
             serve_main = run_trial(trial_spec(
                 "main", serve_env, body=body["v1"], variants=[variant], loads=LOADS, seconds=seconds,
-                warmup_s=warmup_s, args=args, lockdown=lockdown, audit=True, backpressure=True,
+                warmup_s=warmup_s, args=args, audit=True, backpressure=True,
                 rollover=not args.quick, time_shutdown=True, reference=reference), logs=logs)
             results["mlray"] = [LoadResult.from_dict(raw) for raw in serve_main["variants"][0]["loads"]]
             if reference:
@@ -334,7 +334,7 @@ def main() -> None:
         "load_before": load_before, "load_after": os.getloadavg(), "seconds": seconds,
         "wall_s": time.monotonic() - started, "version": model["version"], "replicas": args.replicas,
         "batching": args.batching or "as the YAML", "access_log": args.access_log, "env": serve_env,
-        "env_source": env_source, "lockdown": lockdown, "api_key": bool(args.api_key), "logs": str(logs),
+        "env_source": env_source, "api_key": bool(args.api_key), "logs": str(logs),
     }
     text = report.render(results, serve_main=serve_main, sweep=sweep_results, context=context)
     print("\n" + text)

@@ -10,8 +10,9 @@ unfinished trial's training continues from its Train checkpoints in its own chil
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from mlray import cluster, settings, tracking
 from mlray.config import JobConfig, TuneSettings, parse_config
@@ -74,6 +75,61 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], parent_run_id: str, 
         raise
 
 
+def release_orphaned_placement_groups() -> list[str]:
+    """Remove this job's placement groups whose creating actor is dead; returns their ids.
+
+    Ray frees a (non-detached) placement group only once its creator actor *and* its job are gone. Ray
+    Train's controller creates its workers' group; when Tune stops a trial (ASHA), the trial's actor and
+    controller are killed but the job - this sweep's driver - lives on, so the group keeps its CPUs for
+    the rest of the sweep. Ray Train's own ``PlacementGroupCleaner`` notices the dead controller only
+    through the State API, which needs the dashboard; without one (or while it is down) the next trial
+    waits for CPUs forever. No one can use such a group any more: its creator is gone.
+    """
+    import ray
+    from ray.core.generated import gcs_pb2 as gcs_generated
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    # The public placement_group_table() leaves out the creator's fields; the GCS record has them.
+    accessor = ray._private.state.state._connect_and_get_accessor()
+    table: Any = gcs_generated.PlacementGroupTableData  # type: ignore[attr-defined]  # generated, no stubs
+    live = (table.CREATED, table.PENDING, table.RESCHEDULING)
+    released = []
+    for raw in accessor.get_placement_group_table():
+        record = table.FromString(raw)
+        if (record.state in live and not record.is_detached and record.creator_actor_dead
+                and record.creator_job_id.hex() == job and record.creator_actor_id.strip(b"\xff")):
+            pg_id = record.placement_group_id.hex()
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+            logger.info("Released placement group %s (%s): the actor that created it (%s) is dead",
+                        pg_id, [dict(b.unit_resources) for b in record.bundles], record.creator_actor_id.hex())
+            released.append(pg_id)
+    return released
+
+
+def _orphan_janitor(interval_s: float = 5.0) -> Any:
+    """A Tune callback that runs :func:`release_orphaned_placement_groups` every ``interval_s`` seconds."""
+    from ray.tune import Callback
+
+    class ReleaseOrphanedPlacementGroups(Callback):
+        def __init__(self) -> None:
+            self._next = 0.0
+            self._broken = False
+
+        def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+            if self._broken or time.monotonic() < self._next:
+                return
+            self._next = time.monotonic() + interval_s
+            try:
+                release_orphaned_placement_groups()
+            except Exception as err:  # noqa: BLE001 - Ray's private GCS accessor changed: say so, once
+                self._broken = True
+                logger.warning("Cannot look for stopped trials' placement groups (%s); a stopped trial's "
+                               "CPUs stay reserved until the sweep ends unless the dashboard is up", err)
+
+    return ReleaseOrphanedPlacementGroups()
+
+
 def _parent_run(cfg: JobConfig, sweep_name: str, experiment_id: str) -> str:
     mlflow_client = tracking.client()
     found = mlflow_client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_name}' "
@@ -120,6 +176,11 @@ def sweep(cfg: JobConfig, *, address: str | None = None) -> SweepResult:
         if tune.Tuner.can_restore(path):
             logger.info("Resuming sweep %s from %s", sweep_name, path)
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, restart_errored=True)
+            # The run config, callbacks included, comes back from the sweep's saved state; an old sweep
+            # saved before the janitor existed gets one here.
+            run_config = cast(Any, tuner)._local_tuner.get_run_config()
+            if not any(type(cb).__name__ == "ReleaseOrphanedPlacementGroups" for cb in run_config.callbacks or []):
+                run_config.callbacks = [*(run_config.callbacks or []), _orphan_janitor()]
         else:
             scheduler = (tune.schedulers.ASHAScheduler(grace_period=settings_.scheduler.grace_period,
                                                        reduction_factor=settings_.scheduler.reduction_factor,
@@ -132,7 +193,7 @@ def sweep(cfg: JobConfig, *, address: str | None = None) -> SweepResult:
                 tune_config=tune.TuneConfig(metric=settings_.metric, mode=settings_.mode,
                                             num_samples=settings_.num_samples, scheduler=scheduler,
                                             max_concurrent_trials=settings_.max_concurrent_trials),
-                run_config=tune.RunConfig(name=sweep_name, storage_path=storage),
+                run_config=tune.RunConfig(name=sweep_name, storage_path=storage, callbacks=[_orphan_janitor()]),
             )
         grid = tuner.fit()
         result = _register_best(cfg, grid, sweep_name, parent, experiment_id, register)

@@ -152,7 +152,7 @@ def render(results: dict[str, list[LoadResult]], *, serve_main: dict[str, Any] |
         f"mlray: serve_apps/digits.yaml deployed by `mlray.serving.deploy` with {context['replicas']} fixed "
         f"replica(s), batching {context['batching']}, access log {context['access_log']}, API key "
         f"{'on' if context['api_key'] else 'off'}; its Ray cluster started with `{env}` (from "
-        f"{context['env_source']}){' and HAProxy stats/metrics bound to 127.0.0.1' if context['lockdown'] else ''}. "
+        f"{context['env_source']}), HAProxy's stats and metrics bound to 127.0.0.1 by mlray's wrapper. "
         "The plain process is measured right after each of mlray's runs, so both see the same machine.",
         "",
         "## Servers",
@@ -177,5 +177,5 @@ def render(results: dict[str, list[LoadResult]], *, serve_main: dict[str, Any] |
                   sweep_checks_table(sweep)]
         for trial in sweep:
             env = " ".join(f"{k}={v}" for k, v in trial["env"].items()) or "(none)"
-            parts.append(f"\n- `{trial['name']}`: {env}{' + loopback lockdown' if trial.get('lockdown') else ''}")
+            parts.append(f"\n- `{trial['name']}`: {env}")
     return "\n".join(parts) + "\n"

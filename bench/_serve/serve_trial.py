@@ -61,11 +61,6 @@ def isolation_env(rundir: Path) -> dict[str, str]:
             "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
 
 
-def lockdown_env(rundir: Path) -> dict[str, str]:
-    """The wrapper is part of :func:`isolation_env` now; kept so callers need not change."""
-    return {}
-
-
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
@@ -128,8 +123,6 @@ def _start_ray(attempts: int = 2) -> None:
 def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
     rundir = Path(tempfile.mkdtemp(prefix="mlrb-", dir="/tmp"))
     env = {**spec["env"], **isolation_env(rundir)}
-    if spec.get("lockdown"):
-        env.update(lockdown_env(rundir))
     os.environ.update(env)  # before Ray starts: its processes inherit it
 
     import ray
@@ -137,7 +130,7 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
 
     from mlray.serving.deploy import deploy, load_plan
 
-    result: dict[str, Any] = {"name": spec["name"], "env": spec["env"], "lockdown": bool(spec.get("lockdown")),
+    result: dict[str, Any] = {"name": spec["name"], "env": spec["env"],
                               "variants": [], "haproxy_orphans": 0}
     rows = spec["rows"]  # {"1": body of 1 row, "256": ...}
     ref = spec.get("reference")  # {"url": ...} of a plain server to measure after each load, or None
