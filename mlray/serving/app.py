@@ -19,7 +19,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import numpy as np
@@ -30,8 +30,9 @@ from ray import serve
 from mlray.errors import NotFound
 from mlray.serving import protocols
 from mlray.serving.admission import Admission
-from mlray.serving.auth import AuthMiddleware, KeyGuard, load_key_hashes
+from mlray.serving.auth import AuthMiddleware, KeyFileWatch, KeyGuard, load_key_hashes
 from mlray.serving.config import ServeAppConfig
+from mlray.serving.fastpath import Answer, FastPredict
 from mlray.serving.http import error_body, install_error_handlers, route_path
 from mlray.serving.loader import ServedModel
 from mlray.serving.metrics import ServingMetrics
@@ -49,6 +50,7 @@ class _Replica:
     guard = KeyGuard()
     metrics: ServingMetrics | None = None
     model = ""
+    server: "ModelServer | None" = None  # set once the replica has loaded its models, if fast_path is on
 
 
 def _protocol(path: str) -> str:
@@ -105,6 +107,7 @@ def _auth_error(path: str, status: int, message: str) -> tuple[dict[str, Any], d
     return error_body(path, status, message)
 
 
+api.add_middleware(FastPredict, server=lambda: _Replica.server)  # innermost: after the key check
 api.add_middleware(AuthMiddleware, guard=_guard, error_body=_auth_error)
 api.add_middleware(MetricsMiddleware)  # outermost: refused keys are counted too
 
@@ -129,6 +132,7 @@ class ModelServer:
         _Replica.metrics = self.metrics = ServingMetrics()
         _Replica.model = self.cfg.model
         adm = self.cfg.admission
+        self.max_body_bytes = self.cfg.max_body_bytes
         self.admission = Admission(max_ongoing=adm.max_ongoing_requests, max_queued=adm.max_queued_requests,
                                    timeout_s=adm.timeout_s, retry_after_s=adm.retry_after_s)
         context = serve.get_replica_context()
@@ -142,6 +146,18 @@ class ModelServer:
         await self.follower.start()  # loads and warms up; the replica is not healthy before this returns
         self._background: set[asyncio.Task[Any]] = set()
         self._spawn(self.follower.run())
+        if self.cfg.fast_path:
+            _Replica.server = self
+        if auth.enabled and auth.keys_file:
+            self._spawn(self._follow_keys(KeyFileWatch(keys_env=auth.keys_env, keys_file=auth.keys_file)))
+
+    async def _follow_keys(self, watch: KeyFileWatch) -> None:
+        """Keys added to or revoked from ``auth.keys_file`` take effect within a heartbeat."""
+        while True:
+            await asyncio.sleep(self.cfg.follow.sync_interval_s)
+            hashes = watch.changed()
+            if hashes is not None:
+                _Replica.guard.configure(enabled=True, hashes=hashes)
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -154,11 +170,11 @@ class ModelServer:
         if name != self.cfg.model:
             raise NotFound(f"model {name!r} is not served here; this app serves {self.cfg.model!r}")
 
-    def _choose(self, request: Request) -> str:
+    def _choose(self, headers: Any) -> str:
         challenger = self.cfg.challenger
         if challenger is None or challenger.mode != "split" or "challenger" not in self.follower.models:
             return "champion"
-        key = request.headers.get(challenger.sticky_header)
+        key = headers.get(challenger.sticky_header.lower())
         draw = _bucket(key) if key else random.random()
         return "challenger" if draw < challenger.weight else "champion"
 
@@ -187,17 +203,19 @@ class ModelServer:
         self.metrics.batch_size.observe(len(x), tags={"model": self.cfg.model, "version": str(served.info.version)})
         return served.loaded.predict_proba(x)  # a request this large is a batch already
 
-    async def _answer(self, request: Request, parse: Callable[[Any, int], Any]
+    async def _answer(self, headers: Any, read_body: Callable[[], Awaitable[bytes]], parse: Callable[[Any, int], Any]
                       ) -> tuple[Any, np.ndarray, ServedModel, dict[str, str]]:
-        """Admission first (a refused request costs no parsing), then the body checked by ``parse(payload,
-        num_features)``, the champion/challenger choice, the model call and the shadow copy.
+        """Admission first (a refused request costs no reading or parsing), then the body checked by
+        ``parse(payload, num_features)``, the champion/challenger choice, the model call and the shadow copy.
 
-        ``parse`` returns the (N, F) array, or an object with it as ``.x``; that is returned too.
+        ``headers`` maps lower-case names to values; ``parse`` returns the (N, F) array, or an object with it
+        as ``.x``; that is returned too.
         """
         async with self.admission.admit() as left_s:
-            parsed = parse(await self._body(request), self._champion.loaded.num_features)
+            payload = parse_json(await read_body(), max_bytes=self.cfg.max_body_bytes)
+            parsed = parse(payload, self._champion.loaded.num_features)
             x = parsed if isinstance(parsed, np.ndarray) else parsed.x
-            role = self._choose(request)
+            role = self._choose(headers)
             served = self.follower.models[role]
             probabilities = await self.admission.run(self._run_model(served, x), left_s=left_s)
         challenger = self.cfg.challenger
@@ -206,7 +224,7 @@ class ModelServer:
                 self._spawn(self._shadow(x, served, probabilities))
         info = served.info
         headers = {"x-model-name": info.name, "x-model-version": str(info.version), "x-model-run-id": info.run_id,
-                   "x-model-role": role, "x-request-id": request.headers.get("x-request-id") or uuid.uuid4().hex}
+                   "x-model-role": role, "x-request-id": headers.get("x-request-id") or uuid.uuid4().hex}
         return parsed, probabilities, served, headers
 
     async def _shadow(self, x: np.ndarray, champion: ServedModel, answered: np.ndarray) -> None:
@@ -232,8 +250,33 @@ class ModelServer:
     def _champion(self) -> ServedModel:
         return self.follower.models["champion"]
 
-    async def _body(self, request: Request) -> Any:
-        return parse_json(await request.body(), max_bytes=self.cfg.max_body_bytes)
+    # -- the three prediction routes: called by FastAPI's routes below and by fastpath.FastPredict --------
+
+    async def predict_v1(self, name: str, headers: Any, read_body: Callable[[], Awaitable[bytes]]) -> Answer:
+        self._check_name(name)
+        max_rows = self.cfg.max_rows
+        _, probabilities, served, out = await self._answer(
+            headers, read_body, lambda payload, features: parse_v1(payload, num_features=features, max_rows=max_rows))
+        classes = served.loaded.class_names
+        return {"predictions": probabilities.tolist(), "labels": [classes[i] for i in probabilities.argmax(axis=1)],
+                "model_name": served.info.name, "model_version": served.info.version}, out
+
+    async def predict_v2(self, name: str, headers: Any, read_body: Callable[[], Awaitable[bytes]]) -> Answer:
+        self._check_name(name)
+        max_rows = self.cfg.max_rows
+        parsed, probabilities, served, out = await self._answer(
+            headers, read_body, lambda payload, features: protocols.parse_v2_infer(payload, num_features=features,
+                                                                                   max_rows=max_rows))
+        return protocols.v2_infer_response(probabilities, served.loaded.class_names, model_name=name,
+                                           model_version=str(served.info.version), request_id=parsed.id,
+                                           outputs=parsed.outputs), out
+
+    async def predict_mlflow(self, headers: Any, read_body: Callable[[], Awaitable[bytes]]) -> Answer:
+        names, max_rows = self._champion.loaded.feature_names, self.cfg.max_rows
+        _, probabilities, _, out = await self._answer(
+            headers, read_body,
+            lambda payload, _: protocols.parse_invocations(payload, feature_names=names, max_rows=max_rows))
+        return protocols.invocations_response(probabilities), out
 
     # -- V1 --------------------------------------------------------------------------------------------------
 
@@ -265,13 +308,7 @@ class ModelServer:
 
     @api.post("/v1/models/{name}:predict")
     async def predict(self, name: str, request: Request) -> JSONResponse:
-        self._check_name(name)
-        max_rows = self.cfg.max_rows
-        _, probabilities, served, headers = await self._answer(
-            request, lambda payload, features: parse_v1(payload, num_features=features, max_rows=max_rows))
-        classes = served.loaded.class_names
-        body = {"predictions": probabilities.tolist(), "labels": [classes[i] for i in probabilities.argmax(axis=1)],
-                "model_name": served.info.name, "model_version": served.info.version}
+        body, headers = await self.predict_v1(name, request.headers, request.body)
         return JSONResponse(body, headers=headers)
 
     # -- Open Inference Protocol V2 ------------------------------------------------------------------------
@@ -299,14 +336,7 @@ class ModelServer:
 
     @api.post("/v2/models/{name}/infer")
     async def v2_infer(self, name: str, request: Request) -> JSONResponse:
-        self._check_name(name)
-        max_rows = self.cfg.max_rows
-        parsed, probabilities, served, headers = await self._answer(
-            request, lambda payload, features: protocols.parse_v2_infer(payload, num_features=features,
-                                                                        max_rows=max_rows))
-        body = protocols.v2_infer_response(probabilities, served.loaded.class_names, model_name=name,
-                                           model_version=str(served.info.version), request_id=parsed.id,
-                                           outputs=parsed.outputs)
+        body, headers = await self.predict_v2(name, request.headers, request.body)
         return JSONResponse(body, headers=headers)
 
     # -- MLflow scoring protocol ---------------------------------------------------------------------------
@@ -321,10 +351,8 @@ class ModelServer:
 
     @api.post("/invocations")
     async def invocations(self, request: Request) -> JSONResponse:
-        names, max_rows = self._champion.loaded.feature_names, self.cfg.max_rows
-        _, probabilities, _, headers = await self._answer(
-            request, lambda payload, _: protocols.parse_invocations(payload, feature_names=names, max_rows=max_rows))
-        return JSONResponse(protocols.invocations_response(probabilities), headers=headers)
+        body, headers = await self.predict_mlflow(request.headers, request.body)
+        return JSONResponse(body, headers=headers)
 
     def check_health(self) -> None:
         """Serve's health probe: a replica whose champion cannot answer is restarted."""

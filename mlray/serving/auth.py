@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
@@ -21,6 +22,8 @@ from typing import Any
 
 from mlray.errors import ConfigError
 from mlray.serving.http import route_path
+
+logger = logging.getLogger(__name__)
 
 # Liveness, readiness and the API description stay open; everything else needs a key.
 PUBLIC_PATHS = frozenset({
@@ -63,8 +66,9 @@ def _entries(text: str, *, source: str, allow_plain: bool) -> set[str]:
     return hashes
 
 
-def load_key_hashes(*, keys_env: str | None, keys_file: str | None) -> frozenset[str]:
-    """Every accepted key's hash, from the environment variable and the file; an empty result is an error."""
+def load_key_hashes(*, keys_env: str | None, keys_file: str | None, required: bool = True) -> frozenset[str]:
+    """Every accepted key's hash, from the environment variable and the file; an empty result is an error
+    unless ``required`` is False."""
     hashes: set[str] = set()
     if keys_env and os.environ.get(keys_env):
         hashes |= _entries(os.environ[keys_env], source=f"${keys_env}", allow_plain=True)
@@ -75,10 +79,54 @@ def load_key_hashes(*, keys_env: str | None, keys_file: str | None) -> frozenset
         except OSError as err:
             raise ConfigError(f"auth.keys_file {str(path)!r} cannot be read: {err.strerror}") from None
         hashes |= _entries(text, source=f"auth.keys_file {str(path)!r}", allow_plain=False)
-    if not hashes:
+    if not hashes and required:
         where = " or ".join(x for x in (f"${keys_env}" if keys_env else "", keys_file or "") if x)
         raise ConfigError(f"auth is enabled but no API key was found in {where}; create one with `mlray keys create`")
     return frozenset(hashes)
+
+
+class KeyFileWatch:
+    """Re-reads ``auth.keys_file`` when it changes, so that a key added with ``mlray keys create`` or revoked by
+    deleting its line reaches running replicas within a heartbeat, with no redeploy.
+
+    A file that is missing or holds no key leaves only the environment's keys (none: every request is
+    refused); a file with a malformed line is not used and the keys in force stay, since one bad line must
+    not lock every client out. Both are logged.
+    """
+
+    def __init__(self, *, keys_env: str | None, keys_file: str) -> None:
+        self.keys_env = keys_env
+        self.path = Path(keys_file).expanduser()
+        self._seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    def changed(self) -> frozenset[str] | None:
+        """The new set of key hashes if the file changed since the last call, else None."""
+        stamp = self._stamp()
+        if stamp == self._seen:
+            return None
+        self._seen = stamp
+        env_only = load_key_hashes(keys_env=self.keys_env, keys_file=None, required=False)
+        try:
+            text = self.path.read_text()
+        except OSError as err:
+            logger.warning("auth.keys_file %s cannot be read (%s): only $%s's keys are accepted now",
+                           self.path, err.strerror, self.keys_env)
+            return env_only
+        try:
+            hashes = _entries(text, source=f"auth.keys_file {str(self.path)!r}", allow_plain=False)
+        except ConfigError as err:
+            logger.error("auth.keys_file changed but is not used: %s; the keys in force stay", err)
+            return None
+        logger.info("API keys reloaded from %s: %d in the file, %d from $%s", self.path, len(hashes),
+                    len(env_only), self.keys_env)
+        return frozenset(hashes | env_only)
 
 
 def add_key_to_file(path: Path) -> str:

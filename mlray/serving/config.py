@@ -73,6 +73,8 @@ class ServeAppConfig(_Section):
     tracking_uri: str | None = None
     max_rows: int = Field(default=1024, ge=1)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    fast_path: bool = Field(default=True, description="answer the prediction routes ahead of FastAPI's router "
+                                                      "(same handlers and errors, less CPU per request)")
     batching: BatchingConfig = BatchingConfig()
     follow: FollowConfig = FollowConfig()
     challenger: ChallengerConfig | None = None

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from mlray.config import parse_config
 from mlray.data import sample_test_rows
-from mlray.serving.auth import add_key_to_file, is_public
+from mlray.serving.auth import add_key_to_file, hash_key, is_public
 from tests.conftest import deploy_app, register_copy
 from tests.helpers import wait_for
 
@@ -33,14 +33,18 @@ CLUSTER_SERVE_YAML = REPO / "serve_apps" / "digits.cluster.yaml"
 
 
 @pytest.fixture(scope="module")
-def secure(trained, serve_port, tmp_path_factory):
+def key_file(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("keys") / "api_keys"
+
+
+@pytest.fixture(scope="module")
+def secure(trained, serve_port, key_file):
     """The cluster YAML's app args (auth on), with the key file pointed at a throwaway one."""
     from mlray.registry import promote
     from mlray.serving.deploy import load_plan
 
     plan = load_plan(CLUSTER_SERVE_YAML)
     assert plan.args["auth"]["enabled"] is True, "the cluster's Serve config must require API keys"
-    key_file = tmp_path_factory.mktemp("keys") / "api_keys"
     key = add_key_to_file(key_file)
     version = register_copy("proto", trained)
     promote("proto", version=version, alias="champion")
@@ -103,6 +107,26 @@ def test_no_key_wrong_key_right_key(secure):
     assert wrong.status_code == 403 and wrong.json()["error_code"] == "PERMISSION_DENIED"
     right = requests.post(f"{url}/v1/models/proto:predict", json=body, headers=_auth(key), timeout=10)
     assert right.status_code == 200 and right.headers["x-model-version"] == str(version)
+
+
+def test_keys_added_and_revoked_in_the_file_reach_the_running_replica(secure, key_file):
+    url, key, _ = secure
+    predict = f"{url}/v1/models/proto:predict"
+    body = {"instances": [[0.0] * 64]}
+    kept = key_file.read_text()
+    added = add_key_to_file(key_file)  # `mlray keys create --file`, on a live app
+    try:
+        wait_for(lambda: requests.post(predict, json=body, headers=_auth(added), timeout=10).status_code == 200,
+                 timeout=20, what="the new key accepted")
+        key_file.write_text(hash_key(added) + "\n")  # the first key revoked: its line deleted
+        wait_for(lambda: requests.post(predict, json=body, headers=_auth(key), timeout=10).status_code == 403,
+                 timeout=20, what="the revoked key refused")
+        assert requests.post(predict, json=body, headers=_auth(added), timeout=10).status_code == 200
+    finally:
+        key_file.write_text(kept)
+        wait_for(lambda: requests.post(predict, json=body, headers=_auth(key), timeout=10).status_code == 200 and
+                 requests.post(predict, json=body, headers=_auth(added), timeout=10).status_code == 403,
+                 timeout=20, what="the module's key back alone")
 
 
 def test_v1_v2_and_invocations_answer_the_same(secure):

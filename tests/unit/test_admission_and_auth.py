@@ -11,7 +11,15 @@ import pytest
 
 from mlray.errors import ConfigError, Overloaded, RequestTimeout
 from mlray.serving.admission import Admission
-from mlray.serving.auth import AuthMiddleware, KeyGuard, add_key_to_file, hash_key, is_public, load_key_hashes
+from mlray.serving.auth import (
+    AuthMiddleware,
+    KeyFileWatch,
+    KeyGuard,
+    add_key_to_file,
+    hash_key,
+    is_public,
+    load_key_hashes,
+)
 from mlray.serving.http import error_body
 
 
@@ -128,3 +136,30 @@ def test_middleware_answers_in_each_protocols_shape():
     assert call("/v2/models/digits/infer", [(b"authorization", b"Bearer right")]) == []
     assert call("/healthz") == []
     assert reached == ["/v2/models/digits/infer", "/healthz"]
+
+
+def test_key_file_watch_follows_added_revoked_and_broken_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_KEYS", "env-key")
+    path = tmp_path / "keys"
+    first = add_key_to_file(path)
+    watch = KeyFileWatch(keys_env="TEST_KEYS", keys_file=str(path))
+    assert watch.changed() is None  # nothing changed since the replica loaded the file
+
+    second = add_key_to_file(path)
+    assert watch.changed() == {hash_key(first), hash_key(second), hash_key("env-key")}
+    assert watch.changed() is None
+
+    path.write_text(hash_key(second) + "\n")  # first revoked: its line deleted
+    assert watch.changed() == {hash_key(second), hash_key("env-key")}
+
+    path.write_text(hash_key(second) + "\nnot-a-hash\n")  # a bad line: the keys in force stay
+    assert watch.changed() is None
+
+    path.unlink()  # no file: only the environment's keys
+    assert watch.changed() == {hash_key("env-key")}
+    monkeypatch.delenv("TEST_KEYS")
+    path.write_text("")  # nothing anywhere: an empty set, and the guard refuses every key
+    assert watch.changed() == frozenset()
+    guard = KeyGuard()
+    guard.configure(enabled=True, hashes=frozenset())
+    assert guard.check(f"Bearer {second}") == (403, "the API key is not valid for this server")
