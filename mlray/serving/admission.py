@@ -59,6 +59,10 @@ class Admission:
             await self._slots.acquire()  # free: returns at once (the common case costs no timer)
         self._running += 1
         try:
+            # Let the requests that arrived with this one reach admission before it holds the event loop:
+            # parsing a body and a large model call do not yield, so without this turn they would wait
+            # unseen behind it (and never be refused), instead of queueing or getting 503 at once.
+            await asyncio.sleep(0)
             yield max(0.0, deadline - loop.time())
         finally:
             self._running -= 1

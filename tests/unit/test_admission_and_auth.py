@@ -163,3 +163,22 @@ def test_key_file_watch_follows_added_revoked_and_broken_files(tmp_path, monkeyp
     guard = KeyGuard()
     guard.configure(enabled=True, hashes=frozenset())
     assert guard.check(f"Bearer {second}") == (403, "the API key is not valid for this server")
+
+
+def test_admission_sees_requests_that_arrive_together_even_if_none_yields():
+    """A request whose handler never yields (parse, then a large model call) must not hide the ones behind it."""
+    import time
+
+    async def main() -> list:
+        admission = Admission(max_ongoing=1, max_queued=1, timeout_s=5, retry_after_s=1)
+
+        async def handle() -> str:
+            async with admission.admit():
+                time.sleep(0.01)  # holds the event loop, as predict_proba does
+                return "ok"
+
+        return await asyncio.gather(*(handle() for _ in range(4)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert results[:2] == ["ok", "ok"]  # the running one and the queued one
+    assert all(isinstance(r, Overloaded) for r in results[2:])
