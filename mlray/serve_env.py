@@ -29,6 +29,11 @@ FAST_SERVE_ENV = {
     # every replica under load still failed 0 of 1,406 requests.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     "RAY_SERVE_HAPROXY_CLOSE_SPREAD_TIME_S": "2",
+    # Replay a request whose replica died before answering (the connection closed with no response) on
+    # another replica, as well as one that could not connect (Ray's default). mlray's routes are
+    # predictions and reads, safe to replay; set RAY_SERVE_HAPROXY_RETRY_ON=conn-failure when starting
+    # the head if it also serves requests that must not run twice.
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
 }
 
 LOCKDOWN_WRAPPER = r"""#!/bin/sh
@@ -79,4 +84,20 @@ def serve_head_env(home: Path) -> dict[str, str]:
     if os.environ.get("MLRAY_SERVE_HA_PROXY", "1") == "0":
         return {}
     rundir = Path("/tmp") / f"mlray-hap-{hashlib.sha256(str(home).encode()).hexdigest()[:10]}"
-    return {**FAST_SERVE_ENV, **haproxy_env(rundir)}
+    chosen = {key: os.environ.get(key, value) for key, value in FAST_SERVE_ENV.items()}  # the user's value wins
+    return {**chosen, **haproxy_env(rundir)}
+
+
+def main() -> None:
+    """``eval "$(python -m mlray.serve_env)"`` before ``ray start`` on a node of a cluster that ``ray up``
+    launches (cluster.yaml): the same Serve settings as a head mlray starts itself."""
+    import shlex
+
+    from mlray import settings
+
+    for key, value in sorted(serve_head_env(settings.home()).items()):
+        print(f"export {key}={shlex.quote(value)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -32,9 +32,19 @@ def mlray_home(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster(mlray_home: str):
+    import shutil
+    from pathlib import Path
+
     import ray
     from ray.cluster_utils import Cluster
 
+    from mlray.serve_env import serve_head_env
+
+    # The Serve settings of the heads mlray starts (HAProxy ingress with its retries, throughput mode, private
+    # HAProxy files): the serving tests run what users get. Serve reads them when its processes start, and
+    # the nodes that tests add later inherit this process's environment too.
+    serve_env = serve_head_env(Path(mlray_home))
+    os.environ.update(serve_env)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 4, "object_store_memory": 300 * 1024 * 1024, "include_dashboard": False,
     })
@@ -47,6 +57,8 @@ def ray_cluster(mlray_home: str):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" in serve_env:
+            shutil.rmtree(Path(serve_env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ The YAML is Serve's own config file (``serve_apps/*.yaml``): its ``http_options`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -100,14 +101,34 @@ def _watcher(app: str) -> Any:
     from mlray.serving.rollout import WATCHER_NAME
 
     try:
-        return serve.get_deployment_handle(WATCHER_NAME, app_name=app)
+        handle = serve.get_deployment_handle(WATCHER_NAME, app_name=app)
     except Exception as err:  # noqa: BLE001 - Serve raises several kinds for "no such app"
         raise NotFound(f"no mlray Serve app named {app!r} on this cluster ({err})") from None
+    if not handle.is_initialized and not _in_event_loop():
+        # A synchronous caller (the CLI, a job). With RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the environment -
+        # as in every job driver on a head mlray started - a handle's router runs in the caller's event
+        # loop by default, and a caller without one is refused; give it Serve's own router thread instead.
+        # (Serve hands out the same handle object again: it is set up once.)
+        handle._init(_run_router_in_separate_loop=True)
+    return handle
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def rollout(app: str, *, timeout_s: float = 120.0) -> dict[str, Any]:
     """Make the app ask the registry now and wait until every replica has moved (or failed to)."""
     return dict(_watcher(app).check_now.remote(timeout_s).result(timeout_s=timeout_s + 30))
+
+
+def shadow_records(app: str, limit: int = 100) -> list[dict[str, Any]]:
+    """The last ``limit`` shadow comparisons the app's watcher holds (champion vs challenger answers)."""
+    return list(_watcher(app).shadow_records.remote(limit).result(timeout_s=30))
 
 
 def app_status(app: str) -> dict[str, Any]:

@@ -271,6 +271,22 @@ def test_the_head_exposes_only_the_known_listeners_and_each_refuses_callers_with
     assert {where.split("@")[0] for where in metrics} <= {"ray-dashboard", "ray-autoscaler", "ray-dashboard-agent"}
 
 
+@pytest.mark.timeout(60)
+def test_the_head_starts_ray_with_mlrays_serve_settings(cluster: LabCluster) -> None:
+    """`eval "$(python -m mlray.serve_env)"` in the start commands: the head's raylet (whose environment every
+    Serve process inherits) has HAProxy on, its replays, and the loopback wrapper."""
+    import psutil
+
+    pattern = re.compile(rf"node[_-]ip[_-]address={re.escape(cluster.head_ip)}(\s|$)")
+    raylets = [p for p in psutil.process_iter(["name", "cmdline"])  # the lab's processes are visible here
+               if p.info["name"] == "raylet" and pattern.search(" ".join(p.info["cmdline"] or []))]
+    assert len(raylets) == 1, raylets
+    env = raylets[0].environ()
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert env["RAY_SERVE_HAPROXY_RETRY_ON"] == "conn-failure empty-response"
+    assert env["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("/haproxy-loopback")
+
+
 # -- MLflow ------------------------------------------------------------------------------------------------
 
 

@@ -115,13 +115,12 @@ def test_replica_killed_and_node_removed_under_load(model, serve_port, slot_node
                      timeout=180, what="2 replicas again, none on the removed node")
             count = load.count()
             wait_for(lambda: load.count() > count + 30, timeout=60, what="traffic after the node loss")
-        # A request running on the replica at the instant it dies is answered 500 by Serve's proxy, which
-        # does not replay requests (measured: 1-2 per run here). Every other request, including those
-        # refused with 503 while a replica was missing and retried, must succeed.
-        casualties = load.failures()
-        assert all(status == 500 for status, _, _ in casualties), casualties[:5]
-        assert len(casualties) <= 2 * 2, casualties  # at most one in flight per client thread per disruption
-        assert load.count() > 100 and len(casualties) < load.count() / 50
+        # A request running on the replica at the instant it dies gets no answer from it; HAProxy replays it
+        # on the other replica (mlray's RAY_SERVE_HAPROXY_RETRY_ON adds empty-response to Ray's
+        # conn-failure). Serve's Python proxy, without HAProxy, answered it 500 (1-2 per run). A client
+        # that retries 503s (refusals while a replica was missing) sees no failure at all.
+        assert load.failures() == []
+        assert load.count() > 100
         wait_for(lambda: len({r["node"] for r in _replicas("ha")}) == 2, timeout=60,
                  what="the 2 replicas on 2 nodes, as reported to the watcher")
     finally:

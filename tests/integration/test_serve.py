@@ -105,7 +105,10 @@ def test_routing_errors_and_replica_still_answers(served):
     status = serve.status().applications["digits"]
     assert status.status == "RUNNING"
     replicas = status.deployments["ModelServer"].replica_states
-    assert replicas.get("RUNNING") == 1 and sum(replicas.values()) == 1
+    from mlray.serving.deploy import load_plan
+
+    started = load_plan(None).deployment_options["autoscaling_config"]["min_replicas"]  # the YAML's: 2
+    assert replicas.get("RUNNING") == started and sum(replicas.values()) == started  # none died or restarted
     x, y = sample_test_rows(parse_config({}).data, seed=42, count=20)
     good = _predict(served, {"instances": x.tolist()})
     assert good.status_code == 200

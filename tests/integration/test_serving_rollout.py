@@ -130,7 +130,7 @@ def test_weighted_split_lands_within_five_points(challenger_apps):
 
 
 def test_shadow_answers_are_recorded_not_returned(challenger_apps):
-    from mlray.serving.deploy import app_status
+    from mlray.serving.deploy import app_status, shadow_records
 
     _, shadow, champion, challenger = challenger_apps
     before = app_status("ab-shadow")["shadow"]["compared"]
@@ -143,9 +143,7 @@ def test_shadow_answers_are_recorded_not_returned(challenger_apps):
                       timeout=30, what="40 shadow comparisons recorded")
     assert status["shadow"]["agreed"] == status["shadow"]["compared"]  # same weights: they must agree
 
-    from ray import serve
-
-    records = serve.get_deployment_handle("RegistryWatcher", app_name="ab-shadow").shadow_records.remote(40).result()
+    records = shadow_records("ab-shadow", 40)
     assert len(records) == 40
     assert all(r["challenger_version"] == challenger and r["champion_version"] == champion for r in records)
     assert all(r["rows"] == 2 and r["max_abs_diff"] == 0.0 for r in records)
