@@ -278,3 +278,36 @@ def test_metrics_are_scraped_from_rays_endpoint(secure):
     assert loaded and 0 < loaded[0] < 120
     assert re.search(r'ray_mlray_serving_version\{[^}]*model="proto"[^}]*role="champion"[^}]*\} ' + f"{version}",
                      text)
+
+
+def test_fastapis_routes_answer_exactly_as_the_fast_path(secure, serve_port, key_file):
+    """``fast_path: false`` sends the prediction routes through FastAPI's router: same bodies, statuses, errors."""
+    from ray import serve
+
+    fast, key, _ = secure
+    args = {"model": "proto", "fast_path": False, "auth": {"enabled": True, "keys_file": str(key_file),
+                                                           "keys_env": None}}
+    slow = deploy_app("proto-fastapi", args, port=serve_port)
+    x, _ = sample_test_rows(parse_config({}).data, seed=7, count=3)
+    columns = requests.get(f"{fast}/v1/models/proto", headers=_auth(key), timeout=10).json()["inputs"]["feature_names"]
+    calls = [
+        ("/v1/models/proto:predict", {"instances": x.tolist()}),
+        ("/v1/models/proto:predict", {"instances": [[1.0, 2.0]]}),
+        ("/v1/models/other:predict", {"instances": x.tolist()}),
+        ("/v2/models/proto/infer", {"inputs": [{"name": "x", "shape": [3, 64], "datatype": "FP32",
+                                                "data": x.reshape(-1).tolist()}]}),
+        ("/v2/models/proto/infer", {"inputs": []}),
+        ("/invocations", {"dataframe_split": {"columns": columns, "data": x.tolist()}}),
+        ("/invocations", {"dataframe_split": {"columns": columns[:3], "data": [[1, 2, 3]]}}),
+    ]
+    try:
+        for path, body in calls:
+            answers = [requests.post(f"{base}{path}", json=body, headers=_auth(key), timeout=30)
+                       for base in (fast, slow)]
+            assert answers[0].status_code == answers[1].status_code, (path, [a.text for a in answers])
+            assert answers[0].json() == answers[1].json(), path
+            if answers[0].status_code == 200:
+                assert answers[0].headers["x-model-version"] == answers[1].headers["x-model-version"]
+        assert requests.post(f"{slow}/invocations", json={}, timeout=10).status_code == 401  # keys, as before
+    finally:
+        serve.delete("proto-fastapi")
