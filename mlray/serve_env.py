@@ -28,7 +28,10 @@ FAST_SERVE_ENV = {
     # 30 s by default: every `serve shutdown`, redeploy and scale-down waited that long; at 5 s replacing
     # every replica under load still failed 0 of 1,406 requests.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
-    "RAY_SERVE_HAPROXY_CLOSE_SPREAD_TIME_S": "2",
+    # Not RAY_SERVE_HAPROXY_CLOSE_SPREAD_TIME_S: it makes a reloaded-out HAProxy worker close its idle
+    # keep-alive connections within that window, and a client that sends on one at that instant gets a
+    # connection reset (seen once in CI). Without it, Ray's `idle-close-on-response` closes each one after
+    # its next response instead ("Connection: close"); old workers may then live up to hard-stop-after (120 s).
     # Replay a request whose replica died before answering (the connection closed with no response) on
     # another replica, as well as one that could not connect (Ray's default). mlray's routes are
     # predictions and reads, safe to replay; set RAY_SERVE_HAPROXY_RETRY_ON=conn-failure when starting

@@ -52,6 +52,7 @@ class SteadyLoad:
         self.url, self.row, self.headers, self.retry_on_503 = url, row, headers or {}, retry_on_503
         self.max_requests, self.deadline, self.pause_s = max_requests, time.monotonic() + max_seconds, pause_s
         self.results: list[tuple[int, str, str]] = []
+        self._thread_of: list[int] = []  # which client thread got each result
         self.retries = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -90,6 +91,8 @@ class SteadyLoad:
         raise AssertionError("unreachable")
 
     def _run(self) -> None:
+        import threading
+
         import requests
 
         with requests.Session() as session:
@@ -100,6 +103,7 @@ class SteadyLoad:
                 result = self._one(session)
                 with self._lock:
                     self.results.append(result)
+                    self._thread_of.append(threading.get_ident())
                 if self.pause_s:
                     time.sleep(self.pause_s)
 
@@ -110,6 +114,17 @@ class SteadyLoad:
     def failures(self) -> list[tuple[int, str, str]]:
         with self._lock:
             return [r for r in self.results if r[0] != 200]
+
+    def versions_by_thread(self) -> list[list[str]]:
+        """Each client thread's answering versions in the order it got them, consecutive repeats collapsed.
+        (Across threads the order of results is the order they were appended, not answered.)"""
+        with self._lock:
+            pairs = list(zip(self._thread_of, self.results, strict=True))
+        out = []
+        for thread in dict.fromkeys(t for t, _ in pairs):
+            seen = [r[1] for t, r in pairs if t == thread and r[0] == 200]
+            out.append([v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v])
+        return out
 
     def versions(self) -> list[str]:
         """The versions that answered, in order, with consecutive repeats collapsed."""

