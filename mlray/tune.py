@@ -54,10 +54,29 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], parent_run_id: str, 
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mlray.train import _fail_run, _fit, _log_params, _open_run, _prepare, _record_results
+    from mlray.train import (
+        MODEL_URI_TAG,
+        RUN_NAME_TAG,
+        _fail_run,
+        _fit,
+        _log_params,
+        _open_run,
+        _prepare,
+        _record_results,
+    )
 
     trial_id = tune.get_context().get_trial_id()
-    overrides = {**params, "train.run_name": f"{sweep_name}-{trial_id}"}
+    run_name = f"{sweep_name}-{trial_id}"
+    # A trial that finished just before the sweep's driver died may not be in Tune's saved state yet, so
+    # the resumed sweep starts it again. Its run already holds its model: report what it recorded.
+    done = [run for run in tracking.client().search_runs([experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'")
+            if run.info.status == "FINISHED" and MODEL_URI_TAG in run.data.tags]
+    if done:
+        logger.info("Trial %s already finished as run %s; reporting its recorded metrics", trial_id,
+                    done[0].info.run_id)
+        tune.report(dict(done[0].data.metrics))
+        return
+    overrides = {**params, "train.run_name": run_name}
     cfg = parse_config(base, overrides=overrides, origin=f"(trial {trial_id})")
     prepared = _prepare(cfg)
     tags = {**tracking.lineage_tags(), SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id,
@@ -220,21 +239,27 @@ def _register_best(cfg: JobConfig, grid: Any, sweep_name: str, parent: str, expe
         if run.info.status == "RUNNING":
             mlflow_client.set_tag(run.info.run_id, "mlray.stopped_by", "ASHA early stopping")
             mlflow_client.set_terminated(run.info.run_id, "KILLED")
-    finished = [r for r in grid if r.error is None and r.metrics
-                and children.get(r.metrics.get("trial_id")) is not None
-                and MODEL_URI_TAG in children[r.metrics["trial_id"]].data.tags]
+    # The best trial is chosen from what MLflow recorded, the same record users compare in its UI: Tune's
+    # own results can lag behind it for a trial that finished just before an interrupted sweep's driver died.
+    finished = [run for run in children.values() if run.info.status == "FINISHED"
+                and MODEL_URI_TAG in run.data.tags and metric in run.data.metrics]
     if not finished:
         raise TrainingFailed(f"sweep {sweep_name!r}: no trial finished with a model")
     sign = 1 if cfg.tune.mode == "max" else -1
-    best = max(finished, key=lambda r: sign * float(r.metrics[metric]))
-    best_run = children[best.metrics["trial_id"]]
+    best_run = max(finished, key=lambda run: sign * float(run.data.metrics[metric]))
+    best_trial = best_run.data.tags[TRIAL_TAG]
+    best_metric = float(best_run.data.metrics[metric])
+    configs = {r.metrics["trial_id"]: dict(r.config) for r in grid if r.metrics and "trial_id" in r.metrics}
+    best_config = configs.get(best_trial) or {key.removeprefix("trial."): value
+                                              for key, value in best_run.data.params.items()
+                                              if key.startswith("trial.")}
     version = register(cfg.name, model_uri=best_run.data.tags[MODEL_URI_TAG], run_id=best_run.info.run_id, tags={
         **tracking.lineage_tags(), SWEEP_TAG: sweep_name, "mlray.sweep_parent_run_id": parent,
-        TRIAL_TAG: best.metrics["trial_id"], "mlray.weights_sha256": best_run.data.tags["mlray.weights_sha256"],
+        TRIAL_TAG: best_trial, "mlray.weights_sha256": best_run.data.tags["mlray.weights_sha256"],
         "data.fingerprint": best_run.data.tags.get("data.fingerprint", ""), "mlray.run_id": best_run.info.run_id,
     })
     mlflow_client.set_tag(parent, "mlray.best_run_id", best_run.info.run_id)
-    mlflow_client.log_metric(parent, f"best_{metric}", float(best.metrics[metric]))
+    mlflow_client.log_metric(parent, f"best_{metric}", best_metric)
     return SweepResult(sweep_name=sweep_name, parent_run_id=parent, best_run_id=best_run.info.run_id,
-                       best_config=dict(best.config), best_metric=float(best.metrics[metric]),
+                       best_config=best_config, best_metric=best_metric,
                        version=version.version, trials=len(grid))

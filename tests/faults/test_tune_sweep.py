@@ -78,6 +78,38 @@ def test_placement_groups_of_dead_actors_are_released(ray_cluster):
                  what="the test's groups gone")
 
 
+def test_a_trial_restarted_after_it_finished_reports_its_recorded_run(ray_cluster, tmp_path):
+    """A trial that finished just before the sweep's driver died can be missing from Tune's saved state;
+    the resumed sweep starts it again. It must report the metrics its run recorded, not fail or retrain
+    (seen in CI: it failed, so the sweep's best ignored it while MLflow showed it as the best)."""
+    from ray import tune
+
+    from mlray import tracking
+    from mlray.train import MODEL_URI_TAG, RUN_NAME_TAG
+    from mlray.tune import _trial
+    from tests.conftest import digits_config
+
+    experiment = tracking.experiment_id("digits-restarted-trial")
+    base = digits_config(train={"epochs": 1}).model_dump(mode="json", exclude={"tune"})
+
+    def trainable(params: dict) -> None:
+        trial_id = tune.get_context().get_trial_id()
+        run_id = client().create_run(experiment, tags={RUN_NAME_TAG: f"restarted-{trial_id}",
+                                                      MODEL_URI_TAG: "runs:/earlier/model"}).info.run_id
+        for step, value in enumerate([0.5, 0.875]):
+            client().log_metric(run_id, "val_accuracy", value, step=step)
+        client().set_terminated(run_id, "FINISHED")
+        _trial(params, base=base, parent_run_id=run_id, experiment_id=experiment, sweep_name="restarted")
+
+    grid = tune.Tuner(trainable, param_space={"train.lr": 0.01},
+                      run_config=tune.RunConfig(name="restarted", storage_path=str(tmp_path))).fit()
+    result = grid[0]
+    assert result.error is None, result.error
+    assert result.metrics["val_accuracy"] == 0.875
+    runs = client().search_runs([experiment], "")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # no second run, the first left as it was
+
+
 def test_sweep_interrupted_then_resumed(ray_cluster):
     command = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", "configs/digits-tune.yaml",
                "--sweep-name", SWEEP, "--epochs", "3"]
