@@ -28,6 +28,10 @@ FAST_SERVE_ENV = {
     # 30 s by default: every `serve shutdown`, redeploy and scale-down waited that long; at 5 s replacing
     # every replica under load still failed 0 of 1,406 requests.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    # Throughput mode buffers 1,000 access-log records per replica and writes them in one go, inside whichever
+    # request fills the buffer: a 30-60 ms stall of the replica's event loop about every 1.5 s at 16 clients,
+    # the main cause of the p99 tail (bench/README.md). 100 records make each flush ~5 ms; same log lines.
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "100",
     # Not RAY_SERVE_HAPROXY_CLOSE_SPREAD_TIME_S: it makes a reloaded-out HAProxy worker close its idle
     # keep-alive connections within that window, and a client that sends on one at that instant gets a
     # connection reset (seen once in CI). Without it, Ray's `idle-close-on-response` closes each one after

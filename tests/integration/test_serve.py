@@ -113,3 +113,17 @@ def test_routing_errors_and_replica_still_answers(served):
     good = _predict(served, {"instances": x.tolist()})
     assert good.status_code == 200
     assert (np.asarray(good.json()["predictions"]).argmax(1) == y).mean() >= 0.9
+
+
+def test_ray_processes_buffer_few_access_log_records(served):
+    """mlray's heads run Serve in throughput mode, whose 1,000-record access-log buffer stalled a replica
+    30-60 ms per flush; mlray's setting (100) must reach the Ray processes that replicas run in."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def serve_logging() -> tuple[bool, int]:
+        from ray.serve._private import constants
+
+        return constants.RAY_SERVE_THROUGHPUT_OPTIMIZED, constants.RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE
+
+    assert ray.get(serve_logging.remote()) == (True, 100)
