@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,6 +72,7 @@ def _child(spec: dict[str, Any]) -> list[dict[str, Any]]:
         import ray
 
         ray.shutdown()
+        shutil.rmtree(rundir, ignore_errors=True)
     return out
 
 

@@ -128,6 +128,11 @@ def _prepare(cfg: JobConfig) -> _Prepared:
     return _Prepared(data=prepared, model_spec=model_spec)
 
 
+def runs_named(experiment_id: str, name: str) -> list[Any]:
+    """The MLflow runs of the experiment that a driver started with ``train.run_name`` = ``name``."""
+    return list(tracking.client().search_runs([experiment_id], f"tags.`{RUN_NAME_TAG}` = '{name}'"))
+
+
 def _open_run(cfg: JobConfig, *, experiment_id: str, tags: dict[str, str], mlflow_run_name: str | None,
               parent_run_id: str | None = None) -> tuple[str, bool]:
     """Create the run, or reopen the unfinished one with the same ``train.run_name`` (a re-run driver).
@@ -137,7 +142,7 @@ def _open_run(cfg: JobConfig, *, experiment_id: str, tags: dict[str, str], mlflo
     mlflow_client = tracking.client()
     name = cfg.train.run_name
     if name:
-        found = mlflow_client.search_runs([experiment_id], f"tags.`{RUN_NAME_TAG}` = '{name}'")
+        found = runs_named(experiment_id, name)
         if found:
             run = found[0]
             if run.info.status == "FINISHED":

@@ -56,20 +56,20 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], parent_run_id: str, 
 
     from mlray.train import (
         MODEL_URI_TAG,
-        RUN_NAME_TAG,
         _fail_run,
         _fit,
         _log_params,
         _open_run,
         _prepare,
         _record_results,
+        runs_named,
     )
 
     trial_id = tune.get_context().get_trial_id()
     run_name = f"{sweep_name}-{trial_id}"
     # A trial that finished just before the sweep's driver died may not be in Tune's saved state yet, so
     # the resumed sweep starts it again. Its run already holds its model: report what it recorded.
-    done = [run for run in tracking.client().search_runs([experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'")
+    done = [run for run in runs_named(experiment_id, run_name)
             if run.info.status == "FINISHED" and MODEL_URI_TAG in run.data.tags]
     if done:
         logger.info("Trial %s already finished as run %s; reporting its recorded metrics", trial_id,

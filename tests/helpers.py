@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -47,8 +48,6 @@ class SteadyLoad:
     def __init__(self, url: str, *, row: list[float], threads: int = 2, max_requests: int = 20_000,
                  max_seconds: float = 180.0, headers: dict[str, str] | None = None, retry_on_503: bool = False,
                  pause_s: float = 0.0) -> None:
-        import threading
-
         self.url, self.row, self.headers, self.retry_on_503 = url, row, headers or {}, retry_on_503
         self.max_requests, self.deadline, self.pause_s = max_requests, time.monotonic() + max_seconds, pause_s
         self.results: list[tuple[int, str, str]] = []
@@ -91,8 +90,6 @@ class SteadyLoad:
         raise AssertionError("unreachable")
 
     def _run(self) -> None:
-        import threading
-
         import requests
 
         with requests.Session() as session:
