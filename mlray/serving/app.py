@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from mlray.errors import NotFound
+from mlray.serve_env import lower_metrics_agent_priority
 from mlray.serving import protocols
 from mlray.serving.admission import Admission
 from mlray.serving.auth import AuthMiddleware, KeyFileWatch, KeyGuard, load_key_hashes
@@ -143,6 +144,10 @@ class ModelServer:
         self._predict_batch.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
             self.cfg.batching.batch_wait_timeout_s
         )
+        if self.cfg.metrics_agent_nice is not None:
+            agents = lower_metrics_agent_priority(self.cfg.metrics_agent_nice)
+            logger.info("Ray's metrics agent(s) %s now at nice %d (metrics_agent_nice)", agents,
+                        self.cfg.metrics_agent_nice)
         await self.follower.start()  # loads and warms up; the replica is not healthy before this returns
         self._background: set[asyncio.Task[Any]] = set()
         self._spawn(self.follower.run())

@@ -80,6 +80,10 @@ class ServeAppConfig(_Section):
     challenger: ChallengerConfig | None = None
     admission: AdmissionConfig = AdmissionConfig()
     auth: AuthConfig = AuthConfig()
+    metrics_agent_nice: int | None = Field(
+        default=19, ge=0, le=19,
+        description="nice level each replica gives Ray's metrics agent on its node (its 1-s bursts every 10 s "
+                    "otherwise take a core from the replicas); null leaves it at Ray's 0")
 
     @model_validator(mode="after")
     def _one_target(self) -> ServeAppConfig:
