@@ -17,8 +17,9 @@ server's processes spent per request. mlray's cluster is also checked: its liste
 every replica replaced under load, `serve.shutdown()` time. Prints markdown (also written to bench/results/)
 with the issue's targets checked.
 
-    python bench/serve.py                    # ~5-6 min: the three servers
-    python bench/serve.py --quick            # ~3 min: 3-s runs, no rollover check
+    python bench/serve.py                    # ~5-6 min: the three servers, 7 rounds of single rows at 16 clients
+    python bench/serve.py --quick            # ~3 min: 3-s runs, 5 rounds at 16 clients, no rollover check
+    python bench/serve.py --repeat 10        # more rounds at 16 clients (p99 moves 2x between rounds here)
     python bench/serve.py --sweep            # + Serve settings compared (proxy modes, batching, replicas), +20 min
     python bench/serve.py --sweep --modes ha+to ha+to+nohapm --skip mlflow mlray   # a subset
     python bench/serve.py --home DIR         # reuse (or create) a home with a trained digits model
@@ -276,6 +277,9 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1, help="fixed replica count (the YAML's autoscaling off)")
     parser.add_argument("--batching", choices=["on", "off"], default=None, help="default: the YAML's setting")
     parser.add_argument("--access-log", choices=["on", "off"], default="on", help="Serve's per-request access log")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="extra rounds of single rows at 16 clients, mlray then plain (default 6, quick 4); "
+                             "the p99 and req/s targets read the medians over all rounds")
     parser.add_argument("--skip", nargs="*", default=[], choices=["plain", "mlflow", "mlray"])
     parser.add_argument("--sweep", action="store_true", help="also compare Serve settings (modes x variants)")
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES), help="modes for --sweep")
@@ -314,7 +318,8 @@ def main() -> None:
             serve_main = run_trial(trial_spec(
                 "main", serve_env, body=body["v1"], variants=[variant], loads=LOADS, seconds=seconds,
                 warmup_s=warmup_s, args=args, audit=True, backpressure=True,
-                rollover=not args.quick, time_shutdown=True, reference=reference), logs=logs)
+                rollover=not args.quick, time_shutdown=True, reference=reference,
+                repeat=args.repeat if args.repeat is not None else (4 if args.quick else 6)), logs=logs)
             results["mlray"] = [LoadResult.from_dict(raw) for raw in serve_main["variants"][0]["loads"]]
             if reference:
                 results["plain"] = [LoadResult.from_dict(raw) for raw in serve_main["variants"][0]["reference"]]

@@ -1,10 +1,11 @@
-"""Where single-row latency goes at 16 clients: mlray's app against a bare Serve app, on the same cluster.
+"""Where single-row latency goes at 16 clients: mlray's app against bare Serve apps, on the same cluster.
 
-The bare app is the plain baseline of ``bench/serve.py`` (``bench/_serve/plain_app.py``: FastAPI, one async
+"bare Serve" is the plain baseline of ``bench/serve.py`` (``bench/_serve/plain_app.py``: FastAPI, one async
 route, the same model and response body) wrapped by ``@serve.ingress``, so it pays what Serve costs and
-nothing of mlray's (registry following, admission, auth, metrics, validation). Both run with the same
-replica count behind the same HAProxy, in turns (mlray, bare, mlray, bare, ...), so both see the same
-moments of a shared machine. Each environment given by ``--compare`` gets its own Ray cluster (Serve reads
+nothing of mlray's (registry following, admission, auth, metrics, validation). "minimal Serve" is the
+issue's bare app: a deployment whose ``__call__`` takes Starlette's request, no FastAPI. All run with the
+same replica count behind the same HAProxy, in turns (mlray, bare, minimal, mlray, ...), so all see the
+same moments of a shared machine. Each environment given by ``--compare`` gets its own Ray cluster (Serve reads
 its settings when its processes start); the first is mlray's (``mlray.serve_env.FAST_SERVE_ENV``).
 
     python bench/serve_tail.py                                   # ~4 min: 3 rounds of 10 s
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _child(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Runs in its own process: start Ray with the environment, deploy both apps in turns, measure."""
+    """Runs in its own process: start Ray with the environment, deploy the three apps, measure in turns."""
     from bench._serve.serve_trial import Variant, _plan_for, _start_ray, check_answer, free_port, isolation_env
     from bench._serve.wrk import run_wrk
 
@@ -50,6 +51,17 @@ def _child(spec: dict[str, Any]) -> list[dict[str, Any]]:
     class Bare:
         pass
 
+    @serve.deployment(num_replicas=spec["replicas"], ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+    class Minimal:
+        """The issue's bare Serve app: a deployment's ``__call__`` on Starlette's request, no FastAPI."""
+
+        def __init__(self) -> None:
+            self.app = create_app()  # loads the model; its route is not used
+            self.predict = next(r.endpoint for r in self.app.routes if getattr(r, "path", "").endswith(":predict"))
+
+        async def __call__(self, request: Any) -> Any:
+            return await self.predict(spec["model"], request)
+
     body = json.dumps({"instances": [[float(i % 16) for i in range(64)]]})
     out: list[dict[str, Any]] = []
     _start_ray()
@@ -60,11 +72,14 @@ def _child(spec: dict[str, Any]) -> list[dict[str, Any]]:
         mlray_url = f"{url}/v1/models/{spec['model']}:predict"
         serve.run(cast(serve.Deployment, Bare).bind(), name="bare", route_prefix="/bare")
         bare_url = f"http://127.0.0.1:{port}/bare/v1/models/{spec['model']}:predict"
-        for target in (mlray_url, bare_url):
+        serve.run(cast(serve.Deployment, Minimal).bind(), name="minimal", route_prefix="/minimal")
+        minimal_url = f"http://127.0.0.1:{port}/minimal"
+        apps = [("mlray", mlray_url), ("bare Serve", bare_url), ("minimal Serve", minimal_url)]
+        for _, target in apps:
             check_answer(target, body, None)
             run_wrk(target, body.encode(), connections=16, seconds=3, rows_per_request=1)  # warm-up
         for round_ in range(spec["rounds"]):
-            for name, target in (("mlray", mlray_url), ("bare Serve", bare_url)):
+            for name, target in apps:
                 load = run_wrk(target, body.encode(), connections=16, seconds=spec["seconds"], rows_per_request=1)
                 out.append({"app": name, "round": round_, **load.to_dict()})
     finally:
@@ -117,7 +132,7 @@ def main() -> None:
     print("| settings | app | req/s (median) | p50 ms (median) | p99 ms (median) | p99 ms, each round |")
     print("|---|---|---|---|---|---|")
     for label, _ in settings:
-        for app in ("mlray", "bare Serve"):
+        for app in ("mlray", "bare Serve", "minimal Serve"):
             runs = [r for lab, r in rows if lab == label and r["app"] == app]
             each = ", ".join(f"{r['p99_ms']:.0f}" for r in runs)
             print(f"| {label} | {app} | {statistics.median(r['req_per_s'] for r in runs):,.0f} | "

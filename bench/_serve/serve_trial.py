@@ -161,8 +161,16 @@ def run_trial(spec: dict[str, Any]) -> dict[str, Any]:
                     reference.append(run_wrk(ref["url"], body, connections=load["connections"],
                                              seconds=spec["seconds"], rows_per_request=load["rows"],
                                              authorization=ref.get("authorization"), cpu_of=[ref["pid"]]).to_dict())
+            repeats = []  # more 16-client single-row rounds, mlray then plain: p99 varies 2x between runs here
+            for _ in range(spec.get("repeat", 0)):
+                ours = run_wrk(predict_url, rows["1"].encode(), connections=16, seconds=spec["seconds"],
+                               rows_per_request=1, authorization=spec.get("authorization"), cpu_of=[os.getpid()])
+                theirs = (run_wrk(ref["url"], rows["1"].encode(), connections=16, seconds=spec["seconds"],
+                                  rows_per_request=1, authorization=ref.get("authorization"), cpu_of=[ref["pid"]])
+                          if ref else None)
+                repeats.append({"mlray": ours.to_dict(), "plain": theirs.to_dict() if theirs else None})
             result["variants"].append({"variant": dataclasses.asdict(variant), "deploy_s": deploy_s, "loads": loads,
-                                       "reference": reference})
+                                       "reference": reference, "repeats": repeats})
         haproxies = _descendants("haproxy")
         if spec.get("rollover"):
             last = Variant(**spec["variants"][-1])

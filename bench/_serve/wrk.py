@@ -41,6 +41,11 @@ function init(args)
   f:close()
   local headers = {["Content-Type"] = "application/json"}
   if auth and auth ~= "" then headers["Authorization"] = auth end
+  local extra = os.getenv("BENCH_EXTRA_HEADER")
+  if extra and extra ~= "" then
+    local name, value = extra:match("^([^:]+):%s*(.*)$")
+    headers[name] = value
+  end
   req = wrk.format("POST", nil, headers, body)
 end
 
