@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import socket
 import stat
@@ -52,6 +53,8 @@ FAST_SERVE_ENV = {
     # the head if it also serves requests that must not run twice.
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
 }
+
+logger = logging.getLogger(__name__)
 
 LOCKDOWN_WRAPPER = r"""#!/bin/sh
 # Written by mlray: HAProxy's stats and Prometheus listeners on 127.0.0.1, the header on prediction routes
@@ -143,6 +146,8 @@ def lower_metrics_agent_priority(nice: int) -> list[int]:
             lowered.append(proc.pid)
         except (psutil.Error, FileNotFoundError, ProcessLookupError):
             continue  # it ended meanwhile
+        except PermissionError as err:  # a sandbox that forbids setpriority: serve on, at Ray's levels
+            logger.warning("Could not lower the priority of Ray's metrics agent (pid %d): %s", proc.pid, err)
     return lowered
 
 
