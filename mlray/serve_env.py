@@ -116,7 +116,18 @@ def serve_head_env(home: Path) -> dict[str, str]:
     return {**chosen, **haproxy_env(rundir)}
 
 
-AGENT_TITLES = ("ray::DashboardAgent", "ray/dashboard/agent.py")
+AGENT_TITLE = "ray::DashboardAgent"  # the process title Ray's agent sets; its script when setproctitle is missing
+AGENT_SCRIPT = "ray/dashboard/agent.py"
+
+
+def is_metrics_agent(cmdline: list[str]) -> bool:
+    """Ray's dashboard agent itself, by its own title or script, never a process that names it in an
+    argument: the raylet's command line carries the agent's whole command."""
+    if not cmdline:
+        return False
+    if cmdline[0].startswith(AGENT_TITLE):
+        return True
+    return "python" in Path(cmdline[0]).name and any(arg.endswith(AGENT_SCRIPT) for arg in cmdline[1:3])
 
 
 def lower_metrics_agent_priority(nice: int) -> list[int]:
@@ -134,10 +145,9 @@ def lower_metrics_agent_priority(nice: int) -> list[int]:
     lowered = []
     for proc in psutil.process_iter(["cmdline", "uids"]):
         try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
             if proc.info["uids"] is None or proc.info["uids"].real != uid:
                 continue
-            if not any(title in cmdline for title in AGENT_TITLES):
+            if not is_metrics_agent(proc.info["cmdline"] or []):
                 continue
             for tid in os.listdir(f"/proc/{proc.pid}/task"):
                 with contextlib.suppress(ProcessLookupError):

@@ -71,3 +71,18 @@ def test_the_rule_names_every_prediction_route(path):
 
     assert match(path) is not None  # the fast path's own list of prediction routes
     assert any(path.endswith(end) for end in RULE.split("path_end ", 1)[1].rstrip(" }").split())
+
+
+@pytest.mark.parametrize(("cmdline", "agent"), [
+    (["ray::DashboardAgent"], True),
+    (["/env/bin/python", "-u", "/env/lib/python3.11/site-packages/ray/dashboard/agent.py", "--node-ip=x"], True),
+    # The raylet's command line carries the agent's whole command: it must keep its priority.
+    (["/env/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet",
+      "--dashboard_agent_command=/env/bin/python -u /env/lib/python3.11/site-packages/ray/dashboard/agent.py"], False),
+    (["ray::ServeReplica:digits:ModelServer"], False),
+    ([], False),
+])
+def test_only_the_metrics_agent_itself_is_matched(cmdline, agent):
+    from mlray.serve_env import is_metrics_agent
+
+    assert is_metrics_agent(cmdline) is agent
