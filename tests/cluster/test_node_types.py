@@ -30,7 +30,9 @@ FAKE_HEAD_TYPE = "ray.head.default"  # the only head type name fake_multinode ac
 ENV = ("export PATH=$HOME/mlray-env/bin:$PATH RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$HOME/ray_token "
        "RAY_USAGE_STATS_ENABLED=0;")
 
-# Runs on the fake head: one placement group that needs a second 4-CPU node, one task that needs a GPU.
+# Runs on the fake head. First an actor that needs a GPU (and one CPU), then, once it runs, a placement group
+# that needs a second 4-CPU node. In this order the group cannot take the GPU node's CPUs before the actor
+# does (seen once in CI when both were asked for at once: the GPU task then needed a second gpu_worker).
 DEMAND = """
 import json, ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -38,15 +40,17 @@ from ray.util.placement_group import placement_group, remove_placement_group
 ray.init()
 
 @ray.remote(num_cpus=1, num_gpus=1)
-def where():
-    return ray.get_runtime_context().get_node_id()
+class Where:
+    def node(self):
+        return ray.get_runtime_context().get_node_id()
 
-gpu_task = where.remote()
+on_gpu = Where.remote()
+gpu_node = ray.get(on_gpu.node.remote(), timeout=240)
 group = placement_group([{"CPU": 4}, {"CPU": 4}], strategy="STRICT_SPREAD")
 ray.get(group.ready(), timeout=240)
-gpu_node = ray.get(gpu_task, timeout=240)
 nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
 remove_placement_group(group)
+ray.kill(on_gpu)
 print(json.dumps({"gpu_node": nodes[gpu_node], "nodes": list(nodes.values())}))
 """
 
