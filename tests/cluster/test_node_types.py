@@ -113,7 +113,10 @@ def test_cluster_yamls_node_types_scale_up_for_cpu_and_gpu_demand_and_down_when_
         scaled = time.monotonic() - started
         gpu_type = raw["available_node_types"]["gpu_worker"]["resources"]
         assert result["gpu_node"]["GPU"] == gpu_type["GPU"] and result["gpu_node"]["CPU"] == gpu_type["CPU"]
-        assert len(result["nodes"]) == 3  # the head, a cpu_worker, a gpu_worker
+        # The head, a cpu_worker, a gpu_worker; with the lab's 6-s idle timeout the autoscaler may also have
+        # a node it started and is about to drop (seen in CI), so at least those three.
+        assert len(result["nodes"]) >= 3, result["nodes"]
+        assert sum(1 for node in result["nodes"] if node.get("CPU", 0) >= 4) >= 2  # the group's two nodes
 
         wait_for(lambda: active_node_types(fake_host) == [FAKE_HEAD_TYPE], timeout=180, interval=2,
                  what="the idle workers removed")
@@ -121,7 +124,7 @@ def test_cluster_yamls_node_types_scale_up_for_cpu_and_gpu_demand_and_down_when_
         log = fake_host.ssh("fake", "cat /tmp/ray/session_latest/logs/monitor.log").stdout
         for node_type in ("cpu_worker", "gpu_worker"):
             assert f"Launching 1 nodes, type {node_type}." in log, node_type
-        assert len(re.findall(r"StandardAutoscaler: Terminating the node with id .*\(idle\)", log)) == 2
+        assert len(re.findall(r"StandardAutoscaler: Terminating the node with id .*\(idle\)", log)) >= 2
         print(f"\nlab: fake_multinode with cluster.yaml's node types: head up and both workers added in "
               f"{scaled:.0f} s, removed as idle by {time.monotonic() - started:.0f} s")
     finally:
