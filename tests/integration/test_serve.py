@@ -85,6 +85,8 @@ BAD_REQUESTS = [
     ("NaN", '{"instances": [[' + ",".join(["0"] * 63 + ["NaN"]) + "]]}", 422, "NaN is not a number"),
     ("infinity", '{"instances": [[' + ",".join(["0"] * 63 + ["-Infinity"]) + "]]}", 422, "-Infinity"),
     ("too many rows", {"instances": [ROW] * 1025}, 413, "1025 rows; the limit is 1024"),
+    # Finite float32 values that overflow the network: the answer would hold NaN, which JSON cannot carry.
+    ("overflowing values", {"instances": [ROW, [3e38] * 64]}, 422, "no finite probabilities for row(s) [1]"),
 ]
 
 
@@ -178,6 +180,7 @@ def test_predictions_through_haproxy_skip_serves_disconnect_watch(served):
                   if f"127.0.0.1:{haproxy_port}\n" in (text := path.read_text()))
     frontend = config.split("frontend http_frontend", 1)[1].split("\nbackend ", 1)[0]
     assert frontend.count("set-header x-request-disconnect-disabled ?1") == 1, frontend
+    assert frontend.count("no log  # mlray:") == 1, frontend  # its per-request log line: off (serve_env.py)
     replica_port = int(re.findall(r"server SERVE_REPLICA_digits-ModelServer\S* 127\.0\.0\.1:(\d+)", config)[0])
     body = json.dumps({"instances": [ROW]}).encode()
 

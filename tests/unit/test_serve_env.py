@@ -3,7 +3,11 @@ HAProxy binary that ships with Ray (`haproxy -c`)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -11,8 +15,11 @@ import pytest
 # The parts of Ray's template that the wrapper touches (ray/serve/_private/haproxy_templates.py).
 CONFIG = """global
     maxconn 100
+    log 127.0.0.1:514 local0 info
 defaults
     mode http
+    log global
+    option httplog
     timeout connect 5s
     timeout client 30s
     timeout server 30s
@@ -49,8 +56,9 @@ def test_wrapper_binds_loopback_and_marks_prediction_routes_once(tmp_path):
     first = _check(wrapper, config)
     assert "bind 127.0.0.1:9101" in first and "bind 127.0.0.1:8404" in first and "bind *:" not in first
     frontend = first.split("frontend http_frontend\n", 1)[1].split("\nbackend ", 1)[0]
-    assert frontend.startswith(f"    {RULE}\n")
+    assert f"    {RULE}\n" in frontend and frontend.index(RULE) < frontend.index("bind ")
     assert first.count(RULE) == 1
+    assert frontend.startswith("    no log  # mlray:") and first.count("no log  # mlray:") == 1
     assert _check(wrapper, config) == first  # a second run (a reload of the same file) adds nothing
 
 
@@ -86,3 +94,89 @@ def test_only_the_metrics_agent_itself_is_matched(cmdline, agent):
     from mlray.serve_env import is_metrics_agent
 
     assert is_metrics_agent(cmdline) is agent
+
+
+@pytest.mark.parametrize("env", [{"RAY_SERVE_HAPROXY_LOG_TARGET": "127.0.0.1:514"},
+                                 {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "1"}])
+def test_access_log_is_kept_where_something_reads_it(tmp_path, monkeypatch, env):
+    """A log target set by hand has a listener; with HAProxy's metrics on, Serve reads that frontend's log."""
+    from mlray.serve_env import haproxy_env
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    wrapper = haproxy_env(tmp_path / "run")["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(CONFIG)
+    rewritten = _check(wrapper, config)
+    assert "no log" not in rewritten and RULE in rewritten
+
+
+class _Ok(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("log_target_set", [False, True])
+def test_haproxy_sends_no_request_log_lines_unless_a_target_is_set(tmp_path, monkeypatch, log_target_set):
+    """The real HAProxy, run through the wrapper, in front of a loopback backend: its access-log datagrams are
+    counted at a UDP socket standing in for syslog."""
+    import requests
+
+    from mlray.serve_env import haproxy_env
+
+    syslog = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    syslog.bind(("127.0.0.1", 0))
+    syslog.settimeout(0.2)
+    target = f"127.0.0.1:{syslog.getsockname()[1]}"
+    if log_target_set:
+        monkeypatch.setenv("RAY_SERVE_HAPROXY_LOG_TARGET", target)
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    front = _free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(CONFIG.replace("127.0.0.1:514", target).replace("127.0.0.1:18000", f"127.0.0.1:{front}")
+                      .replace("127.0.0.1:30002", f"127.0.0.1:{backend.server_address[1]}")
+                      .replace(":9101", f":{_free_port()}").replace(":8404", f":{_free_port()}"))
+    wrapper = haproxy_env(tmp_path / "run")["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    proxy = subprocess.Popen([wrapper, "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"})
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                answered = requests.post(f"http://127.0.0.1:{front}/v1/models/m:predict", json={}, timeout=2)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "HAProxy did not start"
+                time.sleep(0.1)
+        for _ in range(5):
+            assert requests.post(f"http://127.0.0.1:{front}/invocations", json={}, timeout=5).status_code == 200
+        assert answered.status_code == 200
+        lines = []
+        try:
+            while True:
+                lines.append(syslog.recv(65536))
+        except TimeoutError:
+            pass
+        requests_logged = [line for line in lines if b"POST /" in line]
+        assert len(requests_logged) == (6 if log_target_set else 0), lines
+    finally:
+        proxy.kill()
+        proxy.wait(timeout=10)
+        backend.shutdown()
+        syslog.close()
