@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from mlray.errors import NotFound
+from mlray.errors import InvalidInput, NotFound
 from mlray.serve_env import lower_metrics_agent_priority
 from mlray.serving import protocols
 from mlray.serving.admission import Admission
@@ -223,6 +223,13 @@ class ModelServer:
             role = self._choose(headers)
             served = self.follower.models[role]
             probabilities = await self.admission.run(self._run_model(served, x), left_s=left_s)
+        if not np.isfinite(probabilities).all():
+            # JSON has no NaN. Every version passed a finite warm-up, so it is this input: values near float32's
+            # limit overflow the network. A 4xx naming the rows, not a bare 500.
+            rows = np.flatnonzero(~np.isfinite(probabilities).all(axis=1))
+            raise InvalidInput(f"version {served.info.version} gives no finite probabilities for row(s) "
+                               f"{rows[:10].tolist()} of this request: their values (largest |x| = "
+                               f"{float(np.abs(x[rows]).max()):.3g}) overflow the model")
         challenger = self.cfg.challenger
         if challenger is not None and challenger.mode == "shadow" and "challenger" in self.follower.models:
             if len(self._background) < self.admission.max_ongoing:  # shadows never pile up behind clients

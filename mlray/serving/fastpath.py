@@ -19,6 +19,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import orjson
+
 from mlray.errors import MlrayError, PayloadTooLarge
 from mlray.serving.http import error_body, route_path, status_for
 
@@ -50,8 +52,15 @@ def match(path: str) -> tuple[str, str] | None:
 
 
 def encode(body: dict[str, Any]) -> bytes:
-    """As Starlette's JSONResponse renders it."""
-    return json.dumps(body, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
+    """The bytes Starlette's JSONResponse renders, by orjson (~1 us against ~10 for the standard library).
+
+    orjson writes a NaN as ``null`` where Starlette refuses it; a model's non-finite output is refused before
+    it gets here (``ModelServer._answer``), and anything else orjson cannot write goes to the standard library.
+    """
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
 
 
 async def _send_json(send: Any, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:

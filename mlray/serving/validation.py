@@ -12,8 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import orjson
 
 from mlray.errors import BadRequest, InvalidInput, PayloadTooLarge
+
+_DIGITS = bytes(0x31 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))  # each digit to "1", the rest to " "
+_DIGIT_RUN = b"1" * 19
 
 
 def parse_json(body: bytes, *, max_bytes: int) -> Any:
@@ -21,6 +25,15 @@ def parse_json(body: bytes, *, max_bytes: int) -> Any:
         raise PayloadTooLarge(f"request body is {len(body)} bytes; the limit is {max_bytes}")
     if not body.strip():
         raise BadRequest("request body is empty; expected a JSON object such as {\"instances\": [[...]]}")
+    # orjson parses a single row in ~2 us against the standard library's ~20 (2-3 % of a request's CPU). It
+    # refuses what is not strict UTF-8 JSON (NaN, Infinity, other encodings, lone surrogates), and reads an
+    # integer beyond 64 bits (19+ digits) as a float: those go to the standard parser, which reads them or says
+    # what is wrong, as before.
+    if _DIGIT_RUN not in body.translate(_DIGITS):  # 1 us; a regular expression took 5
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
     try:
         # NaN and Infinity are not JSON; Python's parser would accept them, so refuse them here.
         return json.loads(body, parse_constant=_refuse_constant)

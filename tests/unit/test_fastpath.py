@@ -32,6 +32,15 @@ def test_encode_renders_like_starlettes_json_response():
     assert encode(body) == JSONResponse(body).body
 
 
+@pytest.mark.parametrize("body", [
+    {"predictions": [[1.2e-05, 0.99998, 1e16]], "id": None, "ok": True},  # exponents are written differently
+    {"big": 123456789012345678901234567890},                             # beyond orjson's 64 bits
+    {1: "a non-string key"},
+])
+def test_encode_is_read_back_as_starlette_would_have_written_it(body):
+    assert json.loads(encode(body)) == json.loads(JSONResponse(body).body)
+
+
 class Server:
     """Answers like ModelServer's prediction methods: reads the body, returns (body, headers) or raises."""
 

@@ -2,6 +2,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlray.errors import BadRequest, InvalidInput, PayloadTooLarge
 from mlray.serving.validation import parse_json, parse_v1
@@ -55,3 +57,28 @@ def test_body_size_limit():
 
 def test_status_codes_are_4xx():
     assert {BadRequest.status_code, InvalidInput.status_code, PayloadTooLarge.status_code} == {400, 422, 413}
+
+
+# JSON as the prediction path reads it (orjson first, the standard library for what orjson refuses): the same
+# values as the standard library for any JSON document.
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json_values)
+def test_parse_json_reads_what_the_standard_library_reads(value):
+    body = json.dumps(value).encode()
+    assert parse_json(body, max_bytes=10**6) == json.loads(body)
+
+
+@pytest.mark.parametrize("body", [
+    '{"instances": [[1, 2, 3, 4]]}'.encode("utf-16"),   # not UTF-8: orjson refuses, Python's parser reads it
+    b'{"instances": [[123456789012345678901234567890, 2, 3, 4]]}',  # beyond 64 bits
+    b'{"a": "\\ud800"}',                                  # a lone surrogate
+    b'{"a": 1, "a": 2}',                                  # a repeated key: the last one wins
+])
+def test_json_orjson_refuses_or_reads_differently_is_read_as_before(body):
+    assert parse_json(body, max_bytes=10**6) == json.loads(body)
