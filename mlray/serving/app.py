@@ -32,6 +32,7 @@ from mlray.serve_env import lower_metrics_agent_priority
 from mlray.serving import protocols
 from mlray.serving.admission import Admission
 from mlray.serving.auth import AuthMiddleware, KeyFileWatch, KeyGuard, load_key_hashes
+from mlray.serving.batching import MicroBatcher
 from mlray.serving.config import ServeAppConfig
 from mlray.serving.fastpath import Answer, FastPredict
 from mlray.serving.http import error_body, install_error_handlers, route_path
@@ -139,11 +140,8 @@ class ModelServer:
         context = serve.get_replica_context()
         self.follower = Follower(self.cfg, watcher, replica=context.replica_id.unique_id,
                                  node=ray.get_runtime_context().get_node_id(), metrics=self.metrics)
-        # Ray's @serve.batch is typed as returning the plain coroutine function; the wrapper it returns has these.
-        self._predict_batch.set_max_batch_size(self.cfg.batching.max_batch_size)  # type: ignore[attr-defined]
-        self._predict_batch.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
-            self.cfg.batching.batch_wait_timeout_s
-        )
+        self._batcher = MicroBatcher(self._predict_batch, max_batch_size=self.cfg.batching.max_batch_size,
+                                     wait_s=self.cfg.batching.batch_wait_timeout_s)
         if self.cfg.metrics_agent_nice is not None:
             agents = lower_metrics_agent_priority(self.cfg.metrics_agent_nice)
             logger.info("Ray's metrics agent(s) %s now at nice %d (metrics_agent_nice)", agents,
@@ -183,8 +181,7 @@ class ModelServer:
         draw = _bucket(key) if key else random.random()
         return "challenger" if draw < challenger.weight else "champion"
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-    async def _predict_batch(self, calls: list[tuple[ServedModel, np.ndarray]]) -> list[np.ndarray]:
+    def _predict_batch(self, calls: list[tuple[ServedModel, np.ndarray]]) -> list[np.ndarray]:
         # Requests that arrived together, perhaps for different versions: one model call per version.
         out: list[np.ndarray | None] = [None] * len(calls)
         groups: dict[int, list[int]] = {}
@@ -204,7 +201,7 @@ class ModelServer:
     async def _run_model(self, served: ServedModel, x: np.ndarray) -> np.ndarray:
         batching = self.cfg.batching
         if batching.enabled and len(x) < batching.max_batch_size:
-            return cast(np.ndarray, await self._predict_batch((served, x)))
+            return await self._batcher.submit((served, x))
         self.metrics.batch_size.observe(len(x), tags={"model": self.cfg.model, "version": str(served.info.version)})
         return served.loaded.predict_proba(x)  # a request this large is a batch already
 
