@@ -20,6 +20,11 @@ clients) that gave +15 % req/s and p99 71 -> 33 ms (medians). What it turns off:
 longer cancels its prediction; it runs to the end (milliseconds) and the answer is dropped. mlray's own
 ``admission.timeout_s`` still answers 504. ``MLRAY_SERVE_CANCEL_ON_DISCONNECT=1`` when the head starts
 keeps Serve's watcher.
+
+It also turns off that frontend's per-request log line (``no log``): Ray sends it to UDP 127.0.0.1:514,
+where hosts rarely run a syslog listener, so each request cost HAProxy a datagram and the kernel an ICMP
+port-unreachable. Kept when ``RAY_SERVE_HAPROXY_LOG_TARGET`` is set, or HAProxy's metrics are on (Serve
+reads them from that log). HAProxy's other log lines (servers going up or down) still go to Ray's target.
 """
 
 from __future__ import annotations
