@@ -86,6 +86,9 @@ def start_head(*, num_cpus: int | None = None, dashboard_port: int = DASHBOARD_P
     from mlray.serve_env import serve_head_env
 
     env = {**os.environ, **settings.ray_process_env(), **serve_head_env(settings.home())}
+    # Job entrypoints (`ray job submit -- python ...`) run with the head's PATH: put this interpreter's
+    # folder first, so `python` there is the one mlray is installed in, not whatever the caller's PATH had.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if done.returncode != 0:
         raise MlrayError(f"`ray start --head` failed ({done.returncode}):\n{done.stderr[-2000:]}")

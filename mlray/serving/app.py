@@ -381,13 +381,19 @@ def deployment_options(cfg: ServeAppConfig) -> dict[str, Any]:
     return {"max_ongoing_requests": reach, "max_queued_requests": 4 * reach}
 
 
-def build_app(args: dict[str, Any], *, deployment_options_override: dict[str, Any] | None = None
-              ) -> serve.Application:
+def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder for ``serve run``/``serve deploy`` (``import_path: serve_apps.digits:app``).
 
-    ``args`` are :class:`ServeAppConfig` fields; they are checked here, so a bad YAML fails the deploy
-    with the field's name instead of failing every replica.
+    Serve calls a builder with exactly one argument, the YAML's ``args``; deployment overrides come from the
+    YAML's ``deployments`` section, which Serve applies itself.
     """
+    return application(args)
+
+
+def application(args: dict[str, Any], *, deployment_options_override: dict[str, Any] | None = None
+                ) -> serve.Application:
+    """The app for ``args`` (:class:`ServeAppConfig` fields), checked here so that a bad YAML fails the deploy
+    with the field's name instead of failing every replica."""
     cfg = ServeAppConfig.model_validate(args)
     settings = cfg.model_dump(mode="json")
     # @serve.deployment replaced the classes with Deployments; Ray's typing of the decorator does not say so.

@@ -77,10 +77,10 @@ def deploy(plan: ServePlan, *, timeout_s: float = 180.0) -> str:
     import requests
     from ray import serve
 
-    from mlray.serving.app import build_app
+    from mlray.serving.app import application
 
     serve.start(http_options={"host": plan.host, "port": plan.port}, proxy_location="HeadOnly")
-    serve.run(build_app(plan.args, deployment_options_override=plan.deployment_options), name=plan.app_name,
+    serve.run(application(plan.args, deployment_options_override=plan.deployment_options), name=plan.app_name,
               route_prefix=plan.route_prefix)
     model = plan.args["model"]
     deadline = time.monotonic() + timeout_s

@@ -319,11 +319,19 @@ def test_mlflow_refuses_anonymous_writes_read_only_alias_moves_and_the_default_a
                          timeout=30).status_code == 403
 
 
+def _first_ipv4(output: str) -> str:
+    found = re.search(r"(?<![\d.])(\d{1,3}(?:\.\d{1,3}){3})(?![\d.])", "\n".join(
+        line for line in output.splitlines() if not re.match(r"\s*\d{4}-\d\d-\d\d", line)))
+    assert found, f"no IPv4 address in {output!r}"
+    return found.group(1)
+
+
 @pytest.mark.timeout(120)
 def test_the_mlflow_ui_is_reached_through_the_documented_ssh_tunnel(cluster: LabCluster) -> None:
     # docs/operations.md: the head's private address from `ray exec`, then `ssh -N -L` to it.
-    private = cluster.exec_on_head("hostname -I").stdout.strip().splitlines()[-1].split()[0]
-    head = cluster.ray("get-head-ip", str(cluster.config)).stdout.strip().splitlines()[-1]
+    # `ray exec` and `ray get-head-ip` may print Ray's own log lines around the answer: take the address.
+    private = _first_ipv4(cluster.exec_on_head("hostname -I").stdout)
+    head = _first_ipv4(cluster.ray("get-head-ip", str(cluster.config)).stdout)
     assert (private, head) == (cluster.head_ip, cluster.head_ip)  # one address per lab host
     port = free_port()
     tunnel = subprocess.Popen([*cluster.lab.ssh_args("head")[:-1], "-N", "-L", f"{port}:{private}:5000",
