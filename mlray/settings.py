@@ -14,22 +14,15 @@ from importlib import metadata
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from mlray._ray.env import TRAIN_ENV, train_env
+
 HOME_ENV = "MLRAY_HOME"
 
 # Set on every Ray process mlray starts. Ray 2.60 turns token auth on by itself when it finds
 # ~/.ray/auth_token, after which CLIs fail with "Missing authentication token"; the local embedded cluster
 # binds its dashboard to 127.0.0.1 and chooses the mode explicitly instead of inheriting what a machine
 # has lying around. MLRAY_RAY_AUTH_MODE=token switches it on (see docs/operations.md).
-RAY_ENV_DEFAULTS = {
-    # Ray Train v2 paces report() by this interval (2 s by default): 0.25 s cut a 5-epoch fit 39 s -> 27 s.
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-    # Without this, every worker print shows up twice in the driver's output.
-    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    # Ray Train waits 60 s for a worker group to start, then retries with a new placement group while
-    # the old one is still reserved; on a loaded 2-core machine (a Tune trial starting its workers) the
-    # retry then waited forever for CPUs. Wait longer for the first group instead.
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
-}
+RAY_ENV_DEFAULTS = TRAIN_ENV  # the Ray Train knobs (mlray/_ray/env.py)
 
 
 def editable_source_root() -> Path | None:
@@ -79,7 +72,7 @@ def ray_auth_mode() -> str:
 
 def ray_process_env() -> dict[str, str]:
     """Environment for Ray processes mlray starts (``ray start``, ``ray.init``) and Ray CLIs it calls."""
-    env = {key: os.environ.get(key, value) for key, value in RAY_ENV_DEFAULTS.items()}
+    env = train_env()
     env["RAY_AUTH_MODE"] = ray_auth_mode()
     env[HOME_ENV] = str(home())
     env["MLFLOW_TRACKING_URI"] = tracking_uri()

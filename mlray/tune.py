@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from mlray import cluster, settings, tracking
+from mlray._ray.placement_groups import orphaned_placement_groups, restored_run_config
 from mlray.config import JobConfig, TuneSettings, parse_config
 from mlray.errors import ConfigError, TrainingFailed
 
@@ -97,32 +98,18 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], parent_run_id: str, 
 def release_orphaned_placement_groups() -> list[str]:
     """Remove this job's placement groups whose creating actor is dead; returns their ids.
 
-    Ray frees a (non-detached) placement group only once its creator actor *and* its job are gone. Ray
-    Train's controller creates its workers' group; when Tune stops a trial (ASHA), the trial's actor and
-    controller are killed but the job - this sweep's driver - lives on, so the group keeps its CPUs for
-    the rest of the sweep. Ray Train's own ``PlacementGroupCleaner`` notices the dead controller only
-    through the State API, which needs the dashboard; without one (or while it is down) the next trial
-    waits for CPUs forever. No one can use such a group any more: its creator is gone.
+    A trial Tune stopped (ASHA) leaves its Train workers' group reserved while the sweep's driver lives
+    (mlray/_ray/placement_groups.py says why); no one can use such a group any more: its creator is gone.
     """
     import ray
-    from ray.core.generated import gcs_pb2 as gcs_generated
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    job = ray.get_runtime_context().get_job_id()
-    # The public placement_group_table() leaves out the creator's fields; the GCS record has them.
-    accessor = ray._private.state.state._connect_and_get_accessor()
-    table: Any = gcs_generated.PlacementGroupTableData  # type: ignore[attr-defined]  # generated, no stubs
-    live = (table.CREATED, table.PENDING, table.RESCHEDULING)
     released = []
-    for raw in accessor.get_placement_group_table():
-        record = table.FromString(raw)
-        if (record.state in live and not record.is_detached and record.creator_actor_dead
-                and record.creator_job_id.hex() == job and record.creator_actor_id.strip(b"\xff")):
-            pg_id = record.placement_group_id.hex()
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
-            logger.info("Released placement group %s (%s): the actor that created it (%s) is dead",
-                        pg_id, [dict(b.unit_resources) for b in record.bundles], record.creator_actor_id.hex())
-            released.append(pg_id)
+    for group in orphaned_placement_groups(ray.get_runtime_context().get_job_id()):
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group.placement_group_id)))
+        logger.info("Released placement group %s (%s): the actor that created it (%s) is dead",
+                    group.placement_group_id, group.bundles, group.creator_actor_id)
+        released.append(group.placement_group_id)
     return released
 
 
@@ -141,7 +128,7 @@ def _orphan_janitor(interval_s: float = 5.0) -> Any:
             self._next = time.monotonic() + interval_s
             try:
                 release_orphaned_placement_groups()
-            except Exception as err:  # noqa: BLE001 - Ray's private GCS accessor changed: say so, once
+            except Exception as err:  # noqa: BLE001 - Ray's GCS records changed (mlray/_ray): say so, once
                 self._broken = True
                 logger.warning("Cannot look for stopped trials' placement groups (%s); a stopped trial's "
                                "CPUs stay reserved until the sweep ends unless the dashboard is up", err)
@@ -197,7 +184,7 @@ def sweep(cfg: JobConfig, *, address: str | None = None) -> SweepResult:
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, restart_errored=True)
             # The run config, callbacks included, comes back from the sweep's saved state; an old sweep
             # saved before the janitor existed gets one here.
-            run_config = cast(Any, tuner)._local_tuner.get_run_config()
+            run_config = restored_run_config(tuner)
             if not any(type(cb).__name__ == "ReleaseOrphanedPlacementGroups" for cb in run_config.callbacks or []):
                 run_config.callbacks = [*(run_config.callbacks or []), _orphan_janitor()]
         else:

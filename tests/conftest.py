@@ -12,10 +12,10 @@ import os
 
 import pytest
 
+from mlray._ray.env import train_env  # noqa: E402 - no Ray import; the knobs are set in one place
+
 os.environ["RAY_AUTH_MODE"] = "disabled"
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+os.environ.update(train_env())
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)

@@ -81,9 +81,10 @@ class ServeAppConfig(_Section):
     admission: AdmissionConfig = AdmissionConfig()
     auth: AuthConfig = AuthConfig()
     metrics_agent_nice: int | None = Field(
-        default=19, ge=0, le=19,
-        description="nice level each replica gives Ray's metrics agent on its node (its 1-s bursts every 10 s "
-                    "otherwise take a core from the replicas); null leaves it at Ray's 0")
+        default=None, ge=0, le=19,
+        description="opt-in: nice level each replica gives the Ray metrics agent of its own node (its 1-s bursts "
+                    "every 10 s otherwise take a core from the replicas; serve_apps/digits.yaml sets 19); "
+                    "null (the default) leaves it at Ray's 0")
 
     @model_validator(mode="after")
     def _one_target(self) -> ServeAppConfig:

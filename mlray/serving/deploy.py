@@ -8,7 +8,9 @@ The YAML is Serve's own config file (``serve_apps/*.yaml``): its ``http_options`
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,45 +97,67 @@ def deploy(plan: ServePlan, *, timeout_s: float = 180.0) -> str:
         time.sleep(0.5)
 
 
+class _SyncCaller:
+    """Calls a deployment handle from synchronous code (the CLI, a job) on one event loop of mlray's own.
+
+    With ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` in the environment - as in every job driver on a head mlray
+    started - a handle's router runs in the event loop of whoever first calls it, and a caller without one
+    is refused. Ray 2.60 has no public option to choose Serve's router thread instead, so every call here
+    runs on this one long-lived loop, where the handle's router then lives (public API only).
+    """
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=self._loop.run_forever, name="mlray-serve-handles", daemon=True).start()
+            return self._loop
+
+    def call(self, app: str, method: str, *args: Any, timeout_s: float) -> Any:
+        handle = _watcher(app)
+
+        async def remote() -> Any:
+            return await getattr(handle, method).remote(*args)
+
+        future = asyncio.run_coroutine_threadsafe(remote(), self._running_loop())
+        try:
+            return future.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise MlrayError(f"the Serve app {app!r} did not answer {method} within {timeout_s:.0f} s") from None
+
+
+_calls = _SyncCaller()
+
+
 def _watcher(app: str) -> Any:
     from ray import serve
 
     from mlray.serving.rollout import WATCHER_NAME
 
     try:
-        handle = serve.get_deployment_handle(WATCHER_NAME, app_name=app)
+        return serve.get_deployment_handle(WATCHER_NAME, app_name=app)
     except Exception as err:  # noqa: BLE001 - Serve raises several kinds for "no such app"
         raise NotFound(f"no mlray Serve app named {app!r} on this cluster ({err})") from None
-    if not handle.is_initialized and not _in_event_loop():
-        # A synchronous caller (the CLI, a job). With RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the environment -
-        # as in every job driver on a head mlray started - a handle's router runs in the caller's event
-        # loop by default, and a caller without one is refused; give it Serve's own router thread instead.
-        # (Serve hands out the same handle object again: it is set up once.)
-        handle._init(_run_router_in_separate_loop=True)
-    return handle
-
-
-def _in_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 def rollout(app: str, *, timeout_s: float = 120.0) -> dict[str, Any]:
     """Make the app ask the registry now and wait until every replica has moved (or failed to)."""
-    return dict(_watcher(app).check_now.remote(timeout_s).result(timeout_s=timeout_s + 30))
+    return dict(_calls.call(app, "check_now", timeout_s, timeout_s=timeout_s + 30))
 
 
 def shadow_records(app: str, limit: int = 100) -> list[dict[str, Any]]:
     """The last ``limit`` shadow comparisons the app's watcher holds (champion vs challenger answers)."""
-    return list(_watcher(app).shadow_records.remote(limit).result(timeout_s=30))
+    return list(_calls.call(app, "shadow_records", limit, timeout_s=30))
 
 
 def app_status(app: str) -> dict[str, Any]:
     """What the app serves: the registry's targets, each replica's versions and load failures."""
-    return dict(_watcher(app).status.remote().result(timeout_s=30))
+    return dict(_calls.call(app, "status", timeout_s=30))
 
 
 def shutdown() -> None:
