@@ -1,40 +1,71 @@
-"""The ``mlray`` command: thin Typer commands over library functions that return values."""
+"""The ``mlray`` command: thin Typer commands over library functions that return values.
+
+Every failure a user can cause ends in one ``error: ...`` line on stderr and exit code 1; exit code 2 is
+kept for usage errors (a missing or unknown option), as Click decides them. ``--json`` prints a command's
+result as JSON on stdout; progress goes to stderr (a live display on a terminal only).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from mlray.errors import MlrayError
+from mlray import console
+from mlray.errors import ConfigError, MlrayError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train on Ray, track in MLflow, serve on Ray Serve.")
+app = typer.Typer(no_args_is_help=True, help="Train on Ray, track in MLflow, serve on Ray Serve.",
+                  pretty_exceptions_enable=False)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML job config (configs/*.yaml)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+RayAddressOpt = Annotated[str | None, typer.Option(
+    "--address", help="Ray cluster: the dashboard URL (http://HOST:8265) or the GCS address (HOST:6379); "
+                      "default: $RAY_ADDRESS, a running cluster or a new local one")]
+AppOpt = Annotated[str | None, typer.Option("--app", help="Serve application name (default: the model name)")]
+AddressOpt = Annotated[str | None, typer.Option(
+    "--address", help="Ray cluster: the dashboard URL or the GCS address (default: the local head mlray started)")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        typer.echo(f"mlray {metadata.version('mlray')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print mlray's version and exit")] = False) -> None:
+    """Train on Ray, track in MLflow, serve on Ray Serve."""
 
 
 def _setup_logging(verbose: bool) -> None:
     """Quiet by default: the commands print their own progress; --verbose shows mlray's, MLflow's and
     Serve's INFO logs as well."""
     level = logging.INFO if verbose else logging.WARNING
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))  # MLflow sets its own on import
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for name in ("mlray", "mlflow", "ray.serve", "ray.data", "ray.train"):
         logging.getLogger(name).setLevel(level)
-
-
-def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
 
 
 def _job_config(config: Path | None, overrides: dict[str, Any]):  # type: ignore[no-untyped-def]
     from mlray.config import load_config
 
     return load_config(config, overrides=overrides)
+
+
+def _model(text: str):  # type: ignore[no-untyped-def]
+    from mlray.registry import parse_model_ref
+
+    return parse_model_ref(text)
 
 
 @app.command()
@@ -46,26 +77,27 @@ def train(
     run_name: Annotated[
         str | None, typer.Option(help="train.run_name: re-run with it to continue a killed run")
     ] = None,
-    address: Annotated[
-        str | None, typer.Option(help="Ray address; default: a running cluster or a new local one")
-    ] = None,
+    address: RayAddressOpt = None,
     verbose: bool = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Train data-parallel on Ray, record the run in MLflow, register a new model version."""
+    from mlray import cluster
     from mlray.train import train as run_training
 
     _setup_logging(verbose)
-    try:
-        cfg = _job_config(config, {"train.epochs": epochs, "train.num_workers": workers, "name": name,
-                                   "train.run_name": run_name})
-        from mlray import cluster
-
-        cluster.connect(address, log_to_driver=verbose)  # worker logs stay in the dashboard unless --verbose
-        result = run_training(cfg, address=address, progress=typer.echo)
-    except MlrayError as err:
-        _fail(err)
-    typer.echo(json.dumps({"run_id": result.run_id, "model": result.model_name, "version": result.version,
-                           "metrics": result.metrics}, indent=2))
+    cfg = _job_config(config, {"train.epochs": epochs, "train.num_workers": workers, "name": name,
+                               "train.run_name": run_name})
+    cluster.connect(address, log_to_driver=verbose)  # worker logs stay in the dashboard unless --verbose
+    with console.progress(f"training {cfg.name}", total=cfg.train.epochs) as step:
+        result = run_training(cfg, address=address, progress=step)
+    out = {"run_id": result.run_id, "model": result.model_name, "version": result.version,
+           "metrics": result.metrics}
+    if as_json:
+        console.print_json(out)
+    else:
+        metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if isinstance(v, float))
+        typer.echo(f"registered models:/{result.model_name}/{result.version} (run {result.run_id})  {metrics}")
 
 
 @app.command()
@@ -74,59 +106,74 @@ def tune(
     sweep_name: Annotated[str | None, typer.Option(help="tune.sweep_name: run again with it to resume")] = None,
     epochs: Annotated[int | None, typer.Option(help="override train.epochs")] = None,
     num_samples: Annotated[int | None, typer.Option(help="override tune.num_samples")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray address")] = None,
+    address: RayAddressOpt = None,
     verbose: bool = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Sweep hyperparameters on Ray Tune (each trial a distributed training); register the best model."""
     from mlray import cluster
     from mlray.tune import sweep
 
     _setup_logging(verbose)
-    try:
-        cfg = _job_config(config, {"tune.sweep_name": sweep_name, "train.epochs": epochs,
-                                   "tune.num_samples": num_samples})
-        cluster.connect(address, log_to_driver=verbose)
+    cfg = _job_config(config, {"tune.sweep_name": sweep_name, "train.epochs": epochs,
+                               "tune.num_samples": num_samples})
+    cluster.connect(address, log_to_driver=verbose)
+    with console.progress(f"sweeping {cfg.name}"):
         result = sweep(cfg, address=address)
-    except MlrayError as err:
-        _fail(err)
-    typer.echo(json.dumps({"sweep": result.sweep_name, "parent_run_id": result.parent_run_id,
-                           "best_run_id": result.best_run_id, "best_config": result.best_config,
-                           "best_metric": result.best_metric, "version": result.version,
-                           "trials": result.trials}, indent=2))
+    out = {"sweep": result.sweep_name, "parent_run_id": result.parent_run_id, "best_run_id": result.best_run_id,
+           "best_config": result.best_config, "best_metric": result.best_metric, "version": result.version,
+           "trials": result.trials}
+    if as_json:
+        console.print_json(out)
+    else:
+        typer.echo(f"sweep {result.sweep_name}: {result.trials} trials; best run {result.best_run_id} "
+                   f"({result.best_metric:.4f}, {result.best_config}) registered as version {result.version}")
 
 
 @app.command()
 def promote(
-    name: str,
-    version: Annotated[int, typer.Option(help="the candidate version")],
-    alias: str = "champion",
+    name: Annotated[str, typer.Argument(help="NAME, models:/NAME/VERSION or models:/NAME@ALIAS (the alias to move)")],
+    version: Annotated[int | None, typer.Option(help="the candidate version")] = None,
+    alias: Annotated[str | None, typer.Option(help="the alias to move (default champion)")] = None,
     force: Annotated[bool, typer.Option(help="move the alias even if the gate refuses (recorded)")] = False,
     reason: str = "",
     config: ConfigOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Move an alias to a version through the promotion gate (metric, direction, min improvement)."""
     from mlray.registry import promote as do_promote
 
     _setup_logging(False)
-    try:
-        gate = _job_config(config, {}).registry.gate
-        result = do_promote(name, version=version, alias=alias, gate=gate, force=force, reason=reason)
-    except MlrayError as err:
-        _fail(err)
-    typer.echo(f"{name}@{alias} -> version {result.version} (was {result.previous_version}): {result.reason}")
+    ref = _model(name)
+    version = version if version is not None else ref.version
+    if version is None:
+        raise ConfigError(f"say which version to promote: --version N or models:/{ref.name}/N")
+    alias = alias or ref.alias or "champion"
+    gate = _job_config(config, {}).registry.gate
+    result = do_promote(ref.name, version=version, alias=alias, gate=gate, force=force, reason=reason)
+    if as_json:
+        console.print_json(vars(result))
+    else:
+        typer.echo(f"{ref.name}@{alias} -> version {result.version} (was {result.previous_version}): {result.reason}")
 
 
 @app.command()
-def models() -> None:
-    """List registered models with their versions, aliases and metrics."""
+def models(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """List registered models with their versions, aliases and the promotion gate's metric."""
     from mlray.registry import list_models
 
-    for model in list_models():
+    _setup_logging(False)
+    metric = _job_config(config, {}).registry.gate.metric
+    listed = list_models()
+    if as_json:
+        console.print_json({"gate_metric": metric, "models": listed})
+        return
+    for model in listed:
         aliases = ", ".join(f"@{a}={v}" for a, v in sorted(model["aliases"].items())) or "no aliases"
         typer.echo(f"{model['name']}  ({aliases})")
         for v in model["versions"]:
-            acc = v["metrics"].get("test_accuracy")
-            shown = f"test_accuracy={acc:.4f}" if acc is not None else ""
+            value = v["metrics"].get(metric)
+            shown = f"{metric}={value:.4f}" if value is not None else f"{metric}=-"
             tags = " ".join("@" + a for a in v["aliases"])
             typer.echo(f"  v{v['version']:<4} {tags:<12} run {v['run_id'][:12]}  {shown}")
 
@@ -134,47 +181,62 @@ def models() -> None:
 @app.command()
 def serve(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Serve YAML (serve_apps/*.yaml)")] = None,
-    model: Annotated[str | None, typer.Option(help="override args.model")] = None,
+    model: Annotated[str | None, typer.Option(help="override args.model (NAME or models:/NAME@ALIAS)")] = None,
     alias: Annotated[str | None, typer.Option(help="override args.alias")] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port (default from the YAML, 8000)")] = None,
     num_cpus: int = 4,
+    as_json: JsonOpt = False,
 ) -> None:
     """Deploy the Serve app on the local cluster (started if needed); it keeps serving until `mlray down`."""
     from mlray import cluster
     from mlray.serving.deploy import deploy, load_plan
 
     _setup_logging(False)
-    try:
-        plan = load_plan(config, overrides={"model": model, "alias": alias}, port=port)
+    overrides: dict[str, Any] = {"alias": alias}
+    if model is not None:
+        ref = _model(model)
+        if ref.version is not None:
+            raise ConfigError(f"--model {model!r}: serve follows an alias; use models:/{ref.name}@ALIAS")
+        overrides.update(model=ref.name, alias=alias or ref.alias)
+    plan = load_plan(config, overrides=overrides, port=port)
+    with console.progress(f"deploying models:/{plan.args['model']}@{plan.args.get('alias')}") as step:
+        step("starting the local Ray head")
         head = cluster.start_head(num_cpus=num_cpus)
         cluster.connect(head.address)
+        step(f"waiting for the app at {plan.url}")
         url = deploy(plan)
-    except MlrayError as err:
-        _fail(err)
-    typer.echo(f"serving models:/{plan.args['model']}@{plan.args.get('alias')} at {url}")
+    if as_json:
+        console.print_json({"model": plan.args["model"], "alias": plan.args.get("alias"), "url": url})
+    else:
+        typer.echo(f"serving models:/{plan.args['model']}@{plan.args.get('alias')} at {url}")
 
 
 @app.command()
 def predict(
-    model: str,
+    model: Annotated[str, typer.Argument(help="NAME or models:/NAME@ALIAS (the app serving NAME answers)")],
     instances: Annotated[str, typer.Option(help="JSON list of rows, or @file.json")],
     url: str = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option(envvar="MLRAY_API_KEY", show_envvar=True,
+                                                help="sent as 'Authorization: Bearer KEY'")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Send rows to a served model and print its answer."""
+    """Send rows to a served model and print its answer (JSON either way)."""
     from mlray.client import predict as do_predict
 
+    name = _model(model).name
     text = Path(instances[1:]).read_text() if instances.startswith("@") else instances
     try:
         rows = json.loads(text)
-        typer.echo(json.dumps(do_predict(url, model, rows.get("instances", rows) if isinstance(rows, dict) else rows)))
-    except (MlrayError, json.JSONDecodeError) as err:
-        _fail(err)
+    except json.JSONDecodeError as err:
+        where = f"file {instances[1:]!r}" if instances.startswith("@") else "--instances"
+        raise ConfigError(f"{where} is not JSON ({err}); give a list of rows such as [[0, 1.5, ...]]") from None
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    answer = do_predict(url, name, rows.get("instances", rows) if isinstance(rows, dict) else rows, headers=headers)
+    typer.echo(json.dumps(answer, indent=2 if as_json else None))
 
 
 def _connect(address: str | None) -> None:
     """The cluster the app runs on: ``--address``, ``$RAY_ADDRESS`` or the local head mlray started."""
-    import os
-
     from mlray import cluster, settings
 
     record = settings.home() / "cluster.json"
@@ -199,60 +261,60 @@ def _print_status(status: dict[str, Any]) -> None:
         typer.echo(f"  shadow: {shadow['agreed']}/{shadow['compared']} answers agreed with the champion")
 
 
-AppOpt = Annotated[str | None, typer.Option("--app", help="Serve application name (default: the model name)")]
-AddressOpt = Annotated[str | None, typer.Option(help="Ray address (default: the local head mlray started)")]
-
-
 @app.command()
-def rollout(name: str, app_name: AppOpt = None, address: AddressOpt = None, timeout: float = 120.0) -> None:
+def rollout(name: Annotated[str, typer.Argument(help="NAME or models:/NAME@ALIAS")], app_name: AppOpt = None,
+            address: AddressOpt = None, timeout: float = 120.0, as_json: JsonOpt = False) -> None:
     """Make a running app follow the registry now: load, warm up and switch to what its aliases name."""
     from mlray.serving.deploy import rollout as do_rollout
 
     _setup_logging(False)
-    try:
-        _connect(address)
-        status = do_rollout(app_name or name, timeout_s=timeout)
-    except MlrayError as err:
-        _fail(err)
-    _print_status(status)
+    ref = _model(name)
+    _connect(address)
+    with console.progress(f"rolling out {ref.name}"):
+        status = do_rollout(app_name or ref.name, timeout_s=timeout)
+    console.print_json(status) if as_json else _print_status(status)
     if status["failures"] or not status["on_target"]:
         raise typer.Exit(code=1)
 
 
 @app.command()
-def rollback(name: str, alias: str = "champion", app_name: AppOpt = None, address: AddressOpt = None,
-             no_rollout: Annotated[bool, typer.Option(help="only move the alias")] = False) -> None:
+def rollback(name: Annotated[str, typer.Argument(help="NAME or models:/NAME@ALIAS (the alias to move back)")],
+             alias: Annotated[str | None, typer.Option(help="the alias (default champion)")] = None,
+             app_name: AppOpt = None, address: AddressOpt = None,
+             no_rollout: Annotated[bool, typer.Option(help="only move the alias")] = False,
+             as_json: JsonOpt = False) -> None:
     """Move the alias back to its previous version, then make the running app follow at once."""
     from mlray.registry import rollback as do_rollback
     from mlray.serving.deploy import rollout as do_rollout
 
     _setup_logging(False)
-    try:
-        result = do_rollback(name, alias=alias)
-        typer.echo(f"{name}@{alias} -> version {result.version} (was {result.previous_version})")
-        if not no_rollout:
-            _connect(address)
-            _print_status(do_rollout(app_name or name))
-    except MlrayError as err:
-        _fail(err)
+    ref = _model(name)
+    alias = alias or ref.alias or "champion"
+    result = do_rollback(ref.name, alias=alias)
+    out: dict[str, Any] = {"rollback": vars(result)}
+    if not as_json:
+        typer.echo(f"{ref.name}@{alias} -> version {result.version} (was {result.previous_version})")
+    if not no_rollout:
+        _connect(address)
+        with console.progress(f"rolling out {ref.name}"):
+            out["status"] = do_rollout(app_name or ref.name)
+        if not as_json:
+            _print_status(out["status"])
+    if as_json:
+        console.print_json(out)
 
 
 @app.command()
-def status(name: str, app_name: AppOpt = None, address: AddressOpt = None,
-           as_json: Annotated[bool, typer.Option("--json", help="print the raw status")] = False) -> None:
+def status(name: Annotated[str, typer.Argument(help="NAME or models:/NAME@ALIAS")], app_name: AppOpt = None,
+           address: AddressOpt = None, as_json: JsonOpt = False) -> None:
     """What a running app serves: registry targets, each replica's versions, load failures, shadow summary."""
     from mlray.serving.deploy import app_status
 
     _setup_logging(False)
-    try:
-        _connect(address)
-        result = app_status(app_name or name)
-    except MlrayError as err:
-        _fail(err)
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-    else:
-        _print_status(result)
+    ref = _model(name)
+    _connect(address)
+    result = app_status(app_name or ref.name)
+    console.print_json(result) if as_json else _print_status(result)
 
 
 keys = typer.Typer(help="API keys for the Serve app (stored as sha256 hashes).")
@@ -260,11 +322,29 @@ app.add_typer(keys, name="keys")
 
 
 @keys.command("create")
-def keys_create(file: Annotated[Path, typer.Option(help="the secret file the app reads (auth.keys_file)")]) -> None:
+def keys_create(file: Annotated[Path, typer.Option(help="the secret file the app reads (auth.keys_file)")],
+                as_json: JsonOpt = False) -> None:
     """Create an API key: its hash is appended to FILE (mode 600); the key is printed once, here."""
     from mlray.serving.auth import add_key_to_file
 
-    typer.echo(add_key_to_file(file))
+    key = add_key_to_file(file)
+    console.print_json({"key": key, "file": str(file)}) if as_json else typer.echo(key)
+
+
+@app.command()
+def schema(
+    which: Annotated[str, typer.Argument(help="job (configs/*.yaml) or serve (a Serve app's args)")] = "job",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write the schema to this file")] = None,
+) -> None:
+    """The JSON Schema of a config file, from the same models that validate it (for editors' completion)."""
+    from mlray.schema import config_schema
+
+    text = json.dumps(config_schema(which), indent=2) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote the {which} config schema to {out}", err=True)
 
 
 @app.command()
@@ -277,11 +357,8 @@ def quickstart(
     from mlray.quickstart import quickstart as run
 
     _setup_logging(False)
-    try:
-        cfg = _job_config(config, {"train.epochs": epochs})
-        result = run(cfg, port=port, progress=lambda m: typer.secho(f"==> {m}", fg=typer.colors.CYAN))
-    except MlrayError as err:
-        _fail(err)
+    cfg = _job_config(config, {"train.epochs": epochs})
+    result = run(cfg, port=port, progress=lambda m: typer.secho(f"==> {m}", fg=typer.colors.CYAN))
     model = result.train.model_name
     typer.echo("\nPredictions for real test images:")
     for sample in result.samples:
@@ -308,11 +385,30 @@ def down() -> None:
     typer.echo("stopped the local Ray cluster" if do_down() else "no local cluster started by mlray is running")
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv``; returns the exit code (what :func:`main` exits with)."""
     try:
-        app()
+        code = app(args=argv, prog_name="mlray", standalone_mode=False)
+        return int(code) if isinstance(code, int) else 0
+    except typer.Exit as done:
+        return int(done.exit_code)
+    except typer.Abort:
+        return console.FAILURE_EXIT
     except KeyboardInterrupt:
-        sys.exit(130)
+        return 130
+    except Exception as err:
+        if hasattr(err, "show") and hasattr(err, "exit_code"):  # Click's usage errors (Typer vendors Click)
+            err.show()
+            return int(err.exit_code)
+        message = console.one_line(err)
+        if message is None:
+            raise  # a bug: keep the traceback
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+        return console.FAILURE_EXIT
+
+
+def main() -> None:
+    sys.exit(run())
 
 
 if __name__ == "__main__":

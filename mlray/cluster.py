@@ -15,6 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from mlray import settings
 from mlray.errors import MlrayError
@@ -22,6 +23,7 @@ from mlray.errors import MlrayError
 logger = logging.getLogger(__name__)
 
 DASHBOARD_PORT = 8265
+GCS_PORT = 6379  # Ray's default
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_d
     if ray.is_initialized():
         return
     apply_env()
-    target = address or os.environ.get("RAY_ADDRESS")
+    target = resolve_address(address or os.environ.get("RAY_ADDRESS"))
     if target:
         ray.init(address=target, log_to_driver=log_to_driver)
         return
@@ -59,6 +61,40 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_d
     except ConnectionError:
         logger.info("No Ray cluster running: starting one for this process")
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+
+
+def resolve_address(address: str | None) -> str | None:
+    """A GCS address (``host:port``) from ``--address``, which may also be a dashboard URL (``http://host:8265``)
+    as Ray's own CLIs take it. A URL resolves to the GCS address of the head mlray started with that
+    dashboard, else to the host's default GCS port (6379) once the dashboard answers as a Ray dashboard."""
+    if not address or not address.startswith(("http://", "https://")):
+        return address
+    import requests
+
+    url = address.rstrip("/")
+    record = _record()
+    if record.exists():
+        info = json.loads(record.read_text())
+        if _same_url(info.get("dashboard_url", ""), url):
+            return str(info["address"])
+    try:
+        version = requests.get(f"{url}/api/version", timeout=10)
+        version.raise_for_status()
+        version.json()["ray_version"]
+    except (requests.RequestException, ValueError, KeyError) as err:
+        raise MlrayError(f"--address {address!r} is not a Ray dashboard that answers ({err}); pass the "
+                         "dashboard URL (http://HOST:8265) or the GCS address (HOST:6379)") from None
+    host = urlparse(url).hostname or "127.0.0.1"
+    return f"{host}:{GCS_PORT}"
+
+
+def _same_url(a: str, b: str) -> bool:
+    def norm(url: str) -> tuple[str | None, int | None]:
+        parsed = urlparse(url.rstrip("/"))
+        host = "127.0.0.1" if parsed.hostname in ("localhost", "127.0.0.1") else parsed.hostname
+        return host, parsed.port
+
+    return bool(a) and norm(a) == norm(b)
 
 
 def _record() -> Path:

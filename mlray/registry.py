@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlray.config import GateConfig
-from mlray.errors import MlrayError, NotFound, PromotionRefused
+from mlray.errors import ConfigError, MlrayError, NotFound, PromotionRefused
 from mlray.tracking import client
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,37 @@ def _info(mv: Any, *, with_metrics: bool = True, tracking_uri: str | None = None
             metrics = {}
     return VersionInfo(name=mv.name, version=int(mv.version), run_id=mv.run_id or "", source=mv.source,
                        aliases=list(getattr(mv, "aliases", []) or []), tags=dict(mv.tags or {}), metrics=metrics)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model named on the command line: ``NAME``, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+
+    name: str
+    alias: str | None = None
+    version: int | None = None
+
+    @property
+    def uri(self) -> str:
+        if self.alias:
+            return f"models:/{self.name}@{self.alias}"
+        return f"models:/{self.name}/{self.version}" if self.version is not None else self.name
+
+
+_MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))?/?")
+_MODEL_NAME = re.compile(r"[^/@:\s]+")
+
+
+def parse_model_ref(text: str) -> ModelRef:
+    """``digits`` / ``models:/digits@champion`` / ``models:/digits/3``; :class:`ConfigError` otherwise."""
+    if text.startswith("models:/"):
+        found = _MODEL_URI.fullmatch(text)
+        if found:
+            version = found.group("version")
+            return ModelRef(found.group("name"), found.group("alias"), int(version) if version else None)
+    elif _MODEL_NAME.fullmatch(text):
+        return ModelRef(text)
+    raise ConfigError(f"model {text!r} is not a model name, models:/NAME@ALIAS or models:/NAME/VERSION")
 
 
 def register(name: str, *, model_uri: str, run_id: str, tags: dict[str, str],
@@ -119,20 +150,63 @@ def list_models(*, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     return out
 
 
-def _better(candidate: float, current: float, gate: GateConfig) -> bool:
-    if gate.direction == "maximize":
-        return candidate >= current + gate.min_improvement
-    return candidate <= current - gate.min_improvement
+@dataclass(frozen=True)
+class Decision:
+    """What the gate decided, and why (recorded in the version's tags and logged)."""
+
+    promote: bool
+    reason: str
+    forced: bool = False
+
+
+class PromotionGate:
+    """Whether a candidate version may take an alias from the version holding it now.
+
+    It passes when no version holds the alias, when the current one has no value of the gate's metric, or
+    when the candidate is at least ``min_improvement`` better on it in the gate's direction. ``force``
+    passes a candidate that fails that comparison (a forced decision); a candidate without the metric is
+    refused even then, since there is nothing to compare or record.
+    """
+
+    def __init__(self, config: GateConfig | None = None, *, force: bool = False) -> None:
+        self.config = config or GateConfig()
+        self.force = force
+
+    def better(self, candidate: float, current: float) -> bool:
+        gate = self.config
+        if gate.direction == "maximize":
+            return candidate >= current + gate.min_improvement
+        return candidate <= current - gate.min_improvement
+
+    def decide(self, candidate: VersionInfo, current: VersionInfo | None, *, alias: str = "champion") -> Decision:
+        gate = self.config
+        if current is None:
+            return Decision(True, f"no version holds @{alias} yet")
+        if gate.metric not in candidate.metrics:
+            return Decision(False, f"version {candidate.version} of {candidate.name!r} has no metric "
+                                   f"{gate.metric!r} to gate on")
+        new, old = candidate.metrics[gate.metric], current.metrics.get(gate.metric)
+        if old is None:
+            return Decision(True, f"@{alias} (version {current.version}) has no {gate.metric}")
+        rule = f"({gate.direction}, min improvement {gate.min_improvement})"
+        if self.better(new, old):
+            return Decision(True, f"{gate.metric} {new:.4f} vs {old:.4f} of version {current.version} passes the "
+                                  f"gate {rule}")
+        if self.force:
+            return Decision(True, f"forced: {gate.metric} {new:.4f} vs {old:.4f} of version {current.version} "
+                                  f"fails the gate", forced=True)
+        return Decision(False, f"refused to move {candidate.name}@{alias} to version {candidate.version}: "
+                               f"{gate.metric} {new:.4f} is not better than {old:.4f} of version {current.version} "
+                               f"{rule}; pass --force to override")
 
 
 def promote(name: str, *, version: int, alias: str = "champion", gate: GateConfig | None = None,
             force: bool = False, reason: str = "", tracking_uri: str | None = None) -> PromotionResult:
-    """Move ``alias`` to ``version`` if it passes the gate against the alias's current version.
+    """Move ``alias`` to ``version`` if :class:`PromotionGate` lets it take the alias from its current version.
 
-    Refused (:class:`PromotionRefused`, alias untouched) when the candidate is worse on the gate's metric
-    by the gate's rule; ``force=True`` overrides, and the override is recorded in the version's tags.
+    Refused (:class:`PromotionRefused`, alias untouched) otherwise; ``force=True`` overrides a failed
+    comparison, and the override is recorded in the version's tags.
     """
-    gate = gate or GateConfig()
     candidate = get_version(name, version=version, tracking_uri=tracking_uri)
     try:
         current: VersionInfo | None = get_version(name, alias=alias, tracking_uri=tracking_uri)
@@ -140,26 +214,10 @@ def promote(name: str, *, version: int, alias: str = "champion", gate: GateConfi
         current = None
     if current is not None and current.version == candidate.version:
         return PromotionResult(name, alias, version, current.version, force, "already there")
-
-    if current is None:
-        decision = f"no version holds @{alias} yet"
-    else:
-        if gate.metric not in candidate.metrics:
-            raise PromotionRefused(f"version {version} of {name!r} has no metric {gate.metric!r} to gate on")
-        new, old = candidate.metrics[gate.metric], current.metrics.get(gate.metric)
-        if old is None:
-            decision = f"@{alias} (version {current.version}) has no {gate.metric}"
-        elif _better(new, old, gate):
-            decision = (f"{gate.metric} {new:.4f} vs {old:.4f} of version {current.version} passes the gate "
-                        f"({gate.direction}, min improvement {gate.min_improvement})")
-        elif force:
-            decision = f"forced: {gate.metric} {new:.4f} vs {old:.4f} of version {current.version} fails the gate"
-        else:
-            raise PromotionRefused(
-                f"refused to move {name}@{alias} to version {version}: {gate.metric} {new:.4f} is not better "
-                f"than {old:.4f} of version {current.version} ({gate.direction}, min improvement "
-                f"{gate.min_improvement}); pass --force to override"
-            )
+    verdict = PromotionGate(gate, force=force).decide(candidate, current, alias=alias)
+    if not verdict.promote:
+        raise PromotionRefused(verdict.reason)
+    decision = verdict.reason
 
     mlflow_client = client(tracking_uri)
     prefix = f"{PROMOTION_TAG_PREFIX}{alias}."
@@ -168,7 +226,7 @@ def promote(name: str, *, version: int, alias: str = "champion", gate: GateConfi
         f"{prefix}reason": reason or decision,
         f"{prefix}gate": decision,
         f"{prefix}time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        f"{prefix}forced": str(bool(force and decision.startswith("forced"))).lower(),
+        f"{prefix}forced": str(verdict.forced).lower(),
     }
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, str(version), key, value)

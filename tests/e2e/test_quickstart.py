@@ -109,7 +109,7 @@ def test_promote_cli_and_down_leaves_nothing_running(quickstart, env):
     assert promoted.returncode == 0, promoted.stderr
     assert "digits@challenger -> version 2" in promoted.stdout
     missing = run([str(BIN / "mlray"), "promote", "digits", "--version", "9"], env)
-    assert missing.returncode == 2 and "has no version 9" in missing.stderr
+    assert missing.returncode == 1 and "has no version 9" in missing.stderr  # a user error, not a usage error
 
     down = run([str(BIN / "mlray"), "down"], env, timeout=180)
     assert down.returncode == 0 and "stopped the local Ray cluster" in down.stdout

@@ -1,0 +1,84 @@
+"""What the ``mlray`` command shows a person: one-line errors, JSON output, progress on a terminal.
+
+Kept apart from :mod:`mlray.cli` so the commands stay thin: they call library functions and hand the
+results here to be printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+from mlray.errors import MlrayError
+
+USAGE_EXIT, FAILURE_EXIT = 2, 1
+
+
+def one_line(err: BaseException) -> str | None:
+    """A one-line message for a failure a user can cause, or None for a bug (which keeps its traceback)."""
+    import requests
+
+    if isinstance(err, MlrayError):
+        return _joined(str(err))
+    if isinstance(err, requests.ConnectionError):
+        url = getattr(err.request, "url", None) or "the server"
+        return f"cannot connect to {url}: connection refused or unreachable; is the app serving? (mlray serve)"
+    if isinstance(err, requests.Timeout):
+        return f"no answer from {getattr(err.request, 'url', None) or 'the server'} in time: {err}"
+    if isinstance(err, FileNotFoundError):
+        return f"no such file: {err.filename or err}"
+    if isinstance(err, (IsADirectoryError, PermissionError)):
+        return f"cannot read {err.filename or ''}: {err.strerror or err}"
+    if _is_mlflow_error(err):
+        return f"MLflow: {_joined(getattr(err, 'message', None) or str(err))}"
+    if isinstance(err, ConnectionError):  # Ray's "could not find any running Ray instance"
+        return f"cannot connect to Ray: {_joined(str(err))}; pass --address or set RAY_ADDRESS"
+    return None
+
+
+def _is_mlflow_error(err: BaseException) -> bool:
+    module = sys.modules.get("mlflow.exceptions")
+    return module is not None and isinstance(err, module.MlflowException)
+
+
+def _joined(text: str) -> str:
+    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+def print_json(value: Any, *, out: TextIO | None = None) -> None:
+    (out or sys.stdout).write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def is_terminal(stream: TextIO | None = None) -> bool:
+    stream = stream or sys.stderr
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+@contextlib.contextmanager
+def progress(description: str, *, total: int | None = None) -> Iterator[Callable[[str], None]]:
+    """A progress display on stderr while the block runs; yields ``step(message)``.
+
+    On a terminal: a rich spinner (or a bar when ``total`` steps are known) whose line shows the last
+    message. Piped or redirected: no display; each message is one plain line on stderr, so stdout holds
+    only the command's result.
+    """
+    if not is_terminal():
+        yield lambda message: print(message, file=sys.stderr, flush=True)
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}")]
+    if total is not None:
+        columns += [BarColumn(), MofNCompleteColumn()]
+    columns.append(TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(description, total=total)
+
+        def step(message: str) -> None:
+            bar.update(task, description=f"{description}: {message}", advance=1 if total is not None else 0)
+
+        yield step
