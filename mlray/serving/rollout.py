@@ -153,6 +153,46 @@ class RegistryWatcher:
         return list(self.shadow)[-limit:]
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadDecision:
+    """What a replica does about one role: ``keep`` what it serves, ``load`` the target beside it, ``drop``
+    the role (its alias is gone), or ``wait`` (the target failed recently; retried later)."""
+
+    action: str
+    reason: str
+
+
+class LoadPolicy:
+    """When a replica loads a role's target version, and what it falls back to when that fails.
+
+    A version that failed to load or warm up is retried only ``retry_failed_after_s`` after its failure, so
+    a broken upload costs one attempt per period, not one per heartbeat. At start a champion that fails
+    falls back to the last version any replica answered with (the watcher's ``last_good``); a challenger
+    has no fallback: the champion answers alone until the challenger's alias moves.
+    """
+
+    def __init__(self, *, retry_failed_after_s: float) -> None:
+        self.retry_failed_after_s = retry_failed_after_s
+
+    def decide(self, *, target: int | None, loaded: int | None, failed_at: float | None,
+               now: float) -> LoadDecision:
+        if target is None:
+            return LoadDecision("drop", "the alias is gone") if loaded is not None else LoadDecision(
+                "keep", "no alias, nothing loaded")
+        if loaded == target:
+            return LoadDecision("keep", f"version {target} already answers")
+        if failed_at is not None and now - failed_at < self.retry_failed_after_s:
+            return LoadDecision("wait", f"version {target} failed {now - failed_at:.0f} s ago; retried after "
+                                        f"{self.retry_failed_after_s:.0f} s")
+        return LoadDecision("load", f"version {target} wanted, {loaded} answers")
+
+    def fallback(self, *, role: str, failed: int, last_good: int | None) -> int | None:
+        """The version to start on after ``failed`` could not load, or None (then a champion cannot start)."""
+        if role != "champion" or last_good is None or last_good == failed:
+            return None
+        return last_good
+
+
 class Follower:
     """The replica side: which model answers each role, and moving to new versions safely."""
 
@@ -166,6 +206,7 @@ class Follower:
         self.failures: dict[str, str] = {}  # "role:vN" -> error
         self._failed_at: dict[str, float] = {}
         self._shadow_out: list[dict[str, Any]] = []
+        self.policy = LoadPolicy(retry_failed_after_s=cfg.follow.retry_failed_after_s)
 
     def report(self) -> dict[str, Any]:
         shadow, self._shadow_out = self._shadow_out, []
@@ -190,8 +231,8 @@ class Follower:
             try:
                 await self._load(role, version)
             except ModelLoadError:
-                fallback = last_good.get(role)
-                if fallback is None or fallback == version or role != "champion":
+                fallback = self.policy.fallback(role=role, failed=version, last_good=last_good.get(role))
+                if fallback is None:
                     if role == "champion":
                         raise
                     continue
@@ -227,20 +268,19 @@ class Follower:
             self._failed_at.pop(key, None)
         for role, version in answer["targets"].items():
             current = self.models.get(role)
-            if version is None:
-                if current is not None:
-                    logger.info("The %s alias is gone; %s stops answering", role, role)
-                    self.models.pop(role, None)
-                continue
-            if current is not None and current.info.version == version:
-                continue
             key = f"{role}:v{version}"
-            if key in self.failures and time.time() - self._failed_at[key] < self.cfg.follow.retry_failed_after_s:
-                continue
-            try:
-                await self._load(role, version)
-            except ModelLoadError:
-                pass  # recorded in _load; the current version keeps serving
+            decision = self.policy.decide(target=version, loaded=current.info.version if current else None,
+                                          failed_at=self._failed_at.get(key) if key in self.failures else None,
+                                          now=time.time())
+            if decision.action == "drop":
+                logger.info("The %s alias is gone; %s stops answering", role, role)
+                self.models.pop(role, None)
+            elif decision.action == "load":
+                assert version is not None
+                try:
+                    await self._load(role, version)
+                except ModelLoadError:
+                    pass  # recorded in _load; the current version keeps serving
 
     async def _load(self, role: str, version: int) -> None:
         key = f"{role}:v{version}"
