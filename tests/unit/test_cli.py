@@ -221,3 +221,37 @@ def test_no_progress_display_when_piped():
     assert done.returncode == 0 and done.stdout == "done\n"
     assert done.stderr.splitlines() == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]  # plain lines, no bar
     assert "\x1b[" not in done.stderr
+
+
+def test_address_takes_a_dashboard_url(tmp_path, monkeypatch):
+    """The dashboard URL of the head mlray started resolves to its recorded GCS address; another dashboard
+    (here a loopback server answering /api/version as Ray's does) to its host's GCS port; a GCS address as is."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mlray import cluster
+
+    monkeypatch.setenv("MLRAY_HOME", str(tmp_path))
+    (tmp_path / "cluster.json").write_text(json.dumps({"address": "10.1.2.3:6380",
+                                                       "dashboard_url": "http://127.0.0.1:8265"}))
+    assert cluster.resolve_address("http://localhost:8265/") == "10.1.2.3:6380"
+    assert cluster.resolve_address("10.0.0.9:6379") == "10.0.0.9:6379"
+    assert cluster.resolve_address(None) is None
+
+    class Dashboard(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            body = json.dumps({"version": "5", "ray_version": "2.60.0"}).encode()
+            self.send_response(200 if self.path == "/api/version" else 404)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Dashboard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert cluster.resolve_address(f"http://127.0.0.1:{server.server_address[1]}") == "127.0.0.1:6379"
+    finally:
+        server.shutdown()
