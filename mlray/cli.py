@@ -248,19 +248,6 @@ def _connect(address: str | None) -> None:
         raise MlrayError(f"no running Ray cluster found ({err}); pass --address or set RAY_ADDRESS") from None
 
 
-def _print_status(status: dict[str, Any]) -> None:
-    targets = ", ".join(f"{role}=v{v}" for role, v in status["targets"].items() if v is not None)
-    typer.echo(f"{status['model']}: registry says {targets}; on target: {status['on_target']}")
-    for replica, r in sorted(status["replicas"].items()):
-        versions = ", ".join(f"{role}=v{v}" for role, v in r["versions"].items())
-        typer.echo(f"  replica {replica[:12]}  {versions}  (seen {r['seen_s_ago']} s ago)")
-        for key, error in r["failures"].items():
-            typer.secho(f"    FAILED {key}: {error}", fg=typer.colors.RED)
-    shadow = status["shadow"]
-    if shadow["compared"]:
-        typer.echo(f"  shadow: {shadow['agreed']}/{shadow['compared']} answers agreed with the champion")
-
-
 @app.command()
 def rollout(name: Annotated[str, typer.Argument(help="NAME or models:/NAME@ALIAS")], app_name: AppOpt = None,
             address: AddressOpt = None, timeout: float = 120.0, as_json: JsonOpt = False) -> None:
@@ -272,7 +259,7 @@ def rollout(name: Annotated[str, typer.Argument(help="NAME or models:/NAME@ALIAS
     _connect(address)
     with console.progress(f"rolling out {ref.name}"):
         status = do_rollout(app_name or ref.name, timeout_s=timeout)
-    console.print_json(status) if as_json else _print_status(status)
+    console.print_json(status) if as_json else console.print_status(status)
     if status["failures"] or not status["on_target"]:
         raise typer.Exit(code=1)
 
@@ -299,7 +286,7 @@ def rollback(name: Annotated[str, typer.Argument(help="NAME or models:/NAME@ALIA
         with console.progress(f"rolling out {ref.name}"):
             out["status"] = do_rollout(app_name or ref.name)
         if not as_json:
-            _print_status(out["status"])
+            console.print_status(out["status"])
     if as_json:
         console.print_json(out)
 
@@ -314,7 +301,7 @@ def status(name: Annotated[str, typer.Argument(help="NAME or models:/NAME@ALIAS"
     ref = _model(name)
     _connect(address)
     result = app_status(app_name or ref.name)
-    console.print_json(result) if as_json else _print_status(result)
+    console.print_json(result) if as_json else console.print_status(result)
 
 
 keys = typer.Typer(help="API keys for the Serve app (stored as sha256 hashes).")

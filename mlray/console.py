@@ -52,6 +52,22 @@ def print_json(value: Any, *, out: TextIO | None = None) -> None:
     (out or sys.stdout).write(json.dumps(value, indent=2, default=str) + "\n")
 
 
+def print_status(status: dict[str, Any]) -> None:
+    """An app's status (``mlray status`` / ``rollout``): registry targets, replicas, failures, shadow."""
+    import typer
+
+    targets = ", ".join(f"{role}=v{v}" for role, v in status["targets"].items() if v is not None)
+    typer.echo(f"{status['model']}: registry says {targets}; on target: {status['on_target']}")
+    for replica, r in sorted(status["replicas"].items()):
+        versions = ", ".join(f"{role}=v{v}" for role, v in r["versions"].items())
+        typer.echo(f"  replica {replica[:12]}  {versions}  (seen {r['seen_s_ago']} s ago)")
+        for key, error in r["failures"].items():
+            typer.secho(f"    FAILED {key}: {error}", fg=typer.colors.RED)
+    shadow = status["shadow"]
+    if shadow["compared"]:
+        typer.echo(f"  shadow: {shadow['agreed']}/{shadow['compared']} answers agreed with the champion")
+
+
 def is_terminal(stream: TextIO | None = None) -> bool:
     stream = stream or sys.stderr
     return bool(getattr(stream, "isatty", lambda: False)())
