@@ -339,37 +339,37 @@ def quickstart(
     config: ConfigOpt = Path("configs/digits.yaml") if Path("configs/digits.yaml").exists() else None,
     port: Annotated[int | None, typer.Option(help="Serve HTTP port (default 8000)")] = None,
     epochs: Annotated[int | None, typer.Option(help="override train.epochs")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Train, register, promote and serve the digits classifier on a local cluster, then query it."""
     from mlray.quickstart import quickstart as run
 
     _setup_logging(False)
     cfg = _job_config(config, {"train.epochs": epochs})
-    result = run(cfg, port=port, progress=lambda m: typer.secho(f"==> {m}", fg=typer.colors.CYAN))
-    model = result.train.model_name
-    typer.echo("\nPredictions for real test images:")
-    for sample in result.samples:
-        typer.echo(f"  true {sample['true']}  predicted {sample['predicted']}  (p={sample['confidence']:.3f})")
-    store = result.tracking_uri
-    pixels = ", ".join(str(int(v)) for v in result.samples[0]["pixels"])
-    typer.echo(f"""
-Test accuracy:   {result.train.test_accuracy:.4f}  (run {result.train.run_id}, version {result.train.version})
-Done in:         {result.seconds:.0f} s
-Ray dashboard:   {result.dashboard_url}
-MLflow UI:       mlflow ui --backend-store-uri {store} --host 127.0.0.1 --port 5000
-Endpoint:        {result.url}/v1/models/{model}:predict
-Try it (a {result.samples[0]["true"]}): curl -s -X POST {result.url}/v1/models/{model}:predict \\
-                   -H 'Content-Type: application/json' -d '{{"instances": [[{pixels}]]}}'
-Stop everything: mlray down""")
+    steps = (lambda m: typer.echo(f"==> {m}", err=True)) if as_json else (
+        lambda m: typer.secho(f"==> {m}", fg=typer.colors.CYAN))
+    result = run(cfg, port=port, progress=steps)
+    if as_json:
+        console.print_json({"run_id": result.train.run_id, "model": result.train.model_name,
+                            "version": result.train.version, "test_accuracy": result.train.test_accuracy,
+                            "url": result.url, "dashboard_url": result.dashboard_url,
+                            "tracking_uri": result.tracking_uri, "seconds": result.seconds,
+                            "samples": [{k: v for k, v in s.items() if k != "pixels"} for s in result.samples]})
+    else:
+        typer.echo(console.quickstart_report(result))
 
 
 @app.command()
-def down() -> None:
+def down(as_json: JsonOpt = False) -> None:
     """Stop what the quickstart / `mlray serve` started: the Serve apps and the local Ray head."""
     from mlray.quickstart import down as do_down
 
     _setup_logging(False)
-    typer.echo("stopped the local Ray cluster" if do_down() else "no local cluster started by mlray is running")
+    stopped = do_down()
+    if as_json:
+        console.print_json({"stopped": stopped})
+    else:
+        typer.echo("stopped the local Ray cluster" if stopped else "no local cluster started by mlray is running")
 
 
 def run(argv: list[str] | None = None) -> int:

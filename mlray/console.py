@@ -98,3 +98,23 @@ def progress(description: str, *, total: int | None = None) -> Iterator[Callable
             bar.update(task, description=f"{description}: {message}", advance=1 if total is not None else 0)
 
         yield step
+
+
+def quickstart_report(result: Any) -> str:
+    """What ``mlray quickstart`` prints at the end: predictions, accuracy, where everything is."""
+    model = result.train.model_name
+    lines = ["", "Predictions for real test images:"]
+    for sample in result.samples:
+        lines.append(f"  true {sample['true']}  predicted {sample['predicted']}  (p={sample['confidence']:.3f})")
+    store = result.tracking_uri
+    pixels = ", ".join(str(int(v)) for v in result.samples[0]["pixels"])
+    lines.append(f"""
+Test accuracy:   {result.train.test_accuracy:.4f}  (run {result.train.run_id}, version {result.train.version})
+Done in:         {result.seconds:.0f} s
+Ray dashboard:   {result.dashboard_url}
+MLflow UI:       mlflow ui --backend-store-uri {store} --host 127.0.0.1 --port 5000
+Endpoint:        {result.url}/v1/models/{model}:predict
+Try it (a {result.samples[0]["true"]}): curl -s -X POST {result.url}/v1/models/{model}:predict \\
+                   -H 'Content-Type: application/json' -d '{{"instances": [[{pixels}]]}}'
+Stop everything: mlray down""")
+    return "\n".join(lines)
