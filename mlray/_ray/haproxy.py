@@ -50,11 +50,12 @@ if [ -n "$cfg" ] && [ -f "$cfg" ]; then
   for port in "$stats" "$metrics"; do
     grep -Eq "^[[:space:]]*bind[[:space:]]+127\\.0\\.0\\.1:$port([[:space:]]|\$)" "$cfg" || warn loopback-binds
   done
-  grep -q '^frontend http_frontend$' "$cfg" || warn frontend-rules
 {frontend_rules}fi
 exec {real} "$@"
 """
 
+FRONTEND_CHECK = """  grep -q '^frontend http_frontend$' "$cfg" || warn frontend-rules
+"""
 PREDICTION_RULE = ("http-request set-header x-request-disconnect-disabled ?1 "
                    "if METH_POST { path_end :predict /infer /invocations }")
 # Ray writes a new config before each start and reload; the grep keeps a rewritten one from getting it twice.
@@ -122,6 +123,8 @@ def bundled_binary() -> str:
 def write_wrapper(path: Path) -> Path:
     rules = {"prediction-header": NO_DISCONNECT_WATCH, "no-access-log": NO_ACCESS_LOG}
     frontend = "".join(rules.get(rule.name, "") for rule in active_rules())
+    if frontend:
+        frontend = FRONTEND_CHECK + frontend
     path.write_text(WRAPPER.format(written_for=WRITTEN_FOR, stats=DEFAULT_STATS_PORT, metrics=DEFAULT_METRICS_PORT,
                                    frontend_rules=frontend, real=bundled_binary()))
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
