@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mlray.errors import BadRequest, InvalidInput, PayloadTooLarge
-from mlray.serving.validation import _describe, _to_float32, parse_json
+from mlray.serving.validation import _FLOAT32_MAX, _describe, _to_float32, parse_json
 
 INPUT = "input"
 OUTPUTS = ("probabilities", "label")
@@ -155,8 +155,8 @@ def _binary_tensor(binary: bytes, size: Any, *, field: str, datatype: str, shape
         raise InvalidInput(f"the body has {len(binary)} bytes after the JSON header; '{field}' declares {size}")
     values = np.frombuffer(binary, dtype=dtype)
     if dtype.kind == "f":
-        with np.errstate(over="ignore"):
-            array = values.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # as JSON numbers: beyond float32's range is refused
+            array = np.where(np.abs(values) <= _FLOAT32_MAX, values, np.inf).astype(np.float32)
         if not np.isfinite(array).all():
             k = int(np.flatnonzero(~np.isfinite(array))[0])
             raise InvalidInput(f"'{field}' value [{k // shape[1]}][{k % shape[1]}] is {float(values[k])}; "

@@ -67,7 +67,7 @@ def _body(route: Route, model: dict[str, Any] | None, max_rows: int) -> dict[str
             "name": {"type": "string", "example": oip.INPUT}, "shape": shape,
             "datatype": {"type": "string", "enum": ["FP32", "FP64"]}, "data": flat}}
         schema = {"type": "object", "required": ["inputs"], "properties": {
-            "id": _STRING, "inputs": {"type": "array", "items": tensor, "minItems": 1, "maxItems": 1}},
+            "id": {"type": ["string", "null"]}, "inputs": {"type": "array", "items": tensor, "minItems": 1, "maxItems": 1}},
             "description": "One input tensor of shape [N, F] with N*F values (flat or nested by row); shown here "
                            "with one row. With the binary data extension (Inference-Header-Content-Length), the "
                            "JSON is followed by the tensor's raw little-endian bytes."}
@@ -78,12 +78,15 @@ def _body(route: Route, model: dict[str, Any] | None, max_rows: int) -> dict[str
                   "additionalProperties": False}
     split: dict[str, Any] = {"type": "object", "required": ["data"], "additionalProperties": False,
                              "properties": {"data": rows} | ({"columns": {"const": names}} if names else {})}
-    params = {"type": "object"}
+    params = {"type": ["object", "null"]}
     formats = [("dataframe_split", split), ("dataframe_records",
                                             {"type": "array", "items": record, "minItems": 1, "maxItems": max_rows}),
                ("instances", rows), ("inputs", rows)]
-    schema = {"oneOf": [{"type": "object", "required": [key], "additionalProperties": False,
-                         "properties": {key: value, "params": params}} for key, value in formats],
+    keys = [key for key, _ in formats]
+    # exactly one format field, as MLflow requires; other fields are ignored, as MLflow ignores them
+    schema = {"oneOf": [{"type": "object", "required": [key], "properties": {key: value, "params": params},
+                         "not": {"anyOf": [{"required": [other]} for other in keys if other != key]}}
+                        for key, value in formats],
               "description": "MLflow's scoring formats; 'inputs' may also be {column: [values]}. "
                              "application/vnd.apache.parquet (DataFrame.to_parquet()) is read too."}
     content: dict[str, Any] = {"application/json": {"schema": schema}}
