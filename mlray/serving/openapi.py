@@ -67,7 +67,8 @@ def _body(route: Route, model: dict[str, Any] | None, max_rows: int) -> dict[str
             "name": {"type": "string", "example": oip.INPUT}, "shape": shape,
             "datatype": {"type": "string", "enum": ["FP32", "FP64"]}, "data": flat}}
         schema = {"type": "object", "required": ["inputs"], "properties": {
-            "id": {"type": ["string", "null"]}, "inputs": {"type": "array", "items": tensor, "minItems": 1, "maxItems": 1}},
+            "id": {"type": ["string", "null"]},
+            "inputs": {"type": "array", "items": tensor, "minItems": 1, "maxItems": 1}},
             "description": "One input tensor of shape [N, F] with N*F values (flat or nested by row); shown here "
                            "with one row. With the binary data extension (Inference-Header-Content-Length), the "
                            "JSON is followed by the tensor's raw little-endian bytes."}
