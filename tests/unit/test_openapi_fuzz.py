@@ -24,13 +24,14 @@ expected-statuses = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429]
 """
 
 
-def run_schemathesis(url: str, tmp_path: Path, *, max_examples: int, max_time_s: int) -> subprocess.CompletedProcess:
+def run_schemathesis(url: str, tmp_path: Path, *, key: str, max_examples: int, max_time_s: int
+                     ) -> subprocess.CompletedProcess:
     """``schemathesis run --checks all`` over ``url`` with the API key; bounded in examples and time."""
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
     cli = Path(sys.executable).with_name("schemathesis")
     return subprocess.run(
-        [str(cli), "--config-file", str(config), "run", url, "--checks", "all", "-H", f"Authorization: Bearer {KEY}",
+        [str(cli), "--config-file", str(config), "run", url, "--checks", "all", "-H", f"Authorization: Bearer {key}",
          "--max-examples", str(max_examples), "--max-time", str(max_time_s), "--seed", "1", "--workers", "1",
          "--no-color", "--request-timeout", "30"],
         capture_output=True, text=True, timeout=max_time_s + 120, cwd=tmp_path,
@@ -53,6 +54,6 @@ def served_app():
 
 
 def test_schemathesis_all_checks_pass(served_app, tmp_path):
-    result = run_schemathesis(f"{served_app}/openapi.json", tmp_path, max_examples=10, max_time_s=60)
+    result = run_schemathesis(f"{served_app}/openapi.json", tmp_path, key=KEY, max_examples=10, max_time_s=60)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "No issues found" in result.stdout or "passed" in result.stdout, result.stdout[-3000:]
