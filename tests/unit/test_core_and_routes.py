@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from starlette.testclient import TestClient
 
 from mlray.errors import InvalidInput, NotFound
@@ -213,12 +214,14 @@ def test_core_batches_per_version_and_answers_the_other_routes():
     np.testing.assert_allclose(np.concatenate([parts[0], parts[2]]),
                                core.champion.loaded.predict_proba(np.concatenate([x[:2], x[3:]])), atol=1e-6)
     np.testing.assert_allclose(parts[1], other.loaded.predict_proba(x[2:3]), atol=1e-6)
-    huge = json.dumps({"instances": [[3.4e38] * len(FEATURES)]}).encode()
-    with np.errstate(all="ignore"):
-        finite = np.isfinite(core.champion.loaded.predict_proba(np.full((1, len(FEATURES)), 3.4e38, np.float32))).all()
-    if not finite:  # whether float32 overflows depends on the weights: the answer is a 422 naming the row, or 200
-        with pytest.raises(InvalidInput, match=r"gives no finite probabilities for row\(s\) \[0\]"):
-            _call(core, "POST", "/v1/models/digits:predict", huge)
+    with torch.no_grad():  # every weight 1: rows near float32's limit overflow the first layer
+        for layer in core.champion.loaded.model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.fill_(1.0)
+    huge = json.dumps({"instances": [[1.0] * len(FEATURES), [3e38] * len(FEATURES)]}).encode()
+    overflow = r"gives no finite probabilities for row\(s\) \[1\] .*largest \|x\| = 3e\+38"
+    with pytest.raises(InvalidInput, match=overflow):
+        _call(core, "POST", "/v1/models/digits:predict", huge)
     with pytest.raises(NotFound):
         _call(core, "GET", "/v2/models/other")
     meta, _ = _call(core, "GET", "/v2/models/digits")
