@@ -78,7 +78,8 @@ def _body(route: Route, model: dict[str, Any] | None, max_rows: int) -> dict[str
         record = {"type": "object", "required": names, "properties": {n: _NUMBER for n in names},
                   "additionalProperties": False}
     split: dict[str, Any] = {"type": "object", "required": ["data"], "additionalProperties": False,
-                             "properties": {"data": rows} | ({"columns": {"const": names}} if names else {})}
+                             "properties": {"data": rows} | (
+                                 {"columns": {"anyOf": [{"const": names}, {"type": "null"}]}} if names else {})}
     params = {"type": ["object", "null"]}
     formats = [("dataframe_split", split), ("dataframe_records",
                                             {"type": "array", "items": record, "minItems": 1, "maxItems": max_rows}),
