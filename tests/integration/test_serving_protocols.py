@@ -199,7 +199,7 @@ def test_tritonclient_with_its_defaults_answers_as_v1(secure):
         x, _ = sample_test_rows(parse_config({}).data, seed=3, count=16)
         tensor = httpclient.InferInput("input", list(x.shape), "FP32")
         tensor.set_data_from_numpy(x.astype(np.float32))  # binary_data=True: tritonclient's default
-        result = client.infer("proto", [tensor], headers=headers, request_id="t-1")
+        result = client.infer("proto", [tensor], headers=dict(headers), request_id="t-1")  # it adds to the dict
         answer = result.get_response()
         assert answer["id"] == "t-1" and answer["model_version"] == str(version)
         assert all("binary_data_size" in out["parameters"] for out in answer["outputs"])  # binary answers too
@@ -207,7 +207,7 @@ def test_tritonclient_with_its_defaults_answers_as_v1(secure):
                            timeout=30).json()
         np.testing.assert_allclose(result.as_numpy("probabilities"), np.asarray(v1["predictions"]), atol=1e-6)
         assert [label.decode() for label in result.as_numpy("label")] == v1["labels"]
-        only = client.infer("proto", [tensor], headers=headers,
+        only = client.infer("proto", [tensor], headers=dict(headers),
                             outputs=[httpclient.InferRequestedOutput("label", binary_data=False)])
         assert only.as_numpy("label").tolist() == v1["labels"] and only.as_numpy("probabilities") is None
     finally:
