@@ -1,7 +1,7 @@
 """mlray's exception hierarchy.
 
 Every error a user can cause is a subclass of :class:`MlrayError`. Each one carries the HTTP status it maps
-to; the serving layer turns them into responses in exactly one place (``serving/http.py``).
+to; the serving layer turns them into responses in exactly one place (``serving/http.render_error``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,22 @@ class PayloadTooLarge(MlrayError, ValueError):
     """A request with more rows (or bytes) than the configured maximum."""
 
     status_code = 413
+
+
+class UnsupportedMediaType(MlrayError, ValueError):
+    """A request body in a content type or charset the route does not read."""
+
+    status_code = 415
+
+
+class MethodNotAllowed(MlrayError):
+    """A route called with a method it does not answer; ``allow`` lists those it does."""
+
+    status_code = 405
+
+    def __init__(self, message: str, *, allow: list[str]) -> None:
+        super().__init__(message)
+        self.allow = allow
 
 
 class NotFound(MlrayError, LookupError):

@@ -1,45 +1,35 @@
 """The Ray Serve application: a FastAPI ingress over the registry's champion (and challenger).
 
-Routes (at the application's route prefix, ``/`` by default; all but the public ones need an API key
-when ``auth.enabled``):
-
-- V1 (KServe V1 / TF-Serving shape): ``GET /v1/models/{name}``, ``POST /v1/models/{name}:predict``,
-  ``GET /v1/models/{name}/status`` (rollout state, shadow summary)
-- Open Inference Protocol V2: ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}``,
-  ``/v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``
-- MLflow scoring: ``POST /invocations``, ``GET /ping``, ``/health``
-- ``GET /healthz``, OpenAPI at ``/docs``
+Its routes are the route table's (:mod:`mlray.serving.routes`: V1, Open Inference Protocol V2, MLflow
+scoring, health; all but the public ones need an API key when ``auth.enabled``), answered by a
+:class:`~mlray.serving.core.PredictionCore`, OpenAPI at ``/openapi.json`` and ``/docs``.
 
 Each replica loads its versions once, warms them up, then follows the registry (``rollout.Follower``).
 """
 
 import asyncio
-import hashlib
+import inspect
 import logging
-import random
+import re
 import time
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, cast
 
-import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request, Response
 from ray import serve
+from starlette.convertors import StringConvertor, register_url_convertor
 
-from mlray.errors import InvalidInput, NotFound
+from mlray.errors import ModelLoadError
 from mlray.serve_env import lower_metrics_agent_priority
-from mlray.serving import protocols
-from mlray.serving.admission import Admission
+from mlray.serving import openapi, routes
 from mlray.serving.auth import AuthMiddleware, KeyFileWatch, KeyGuard, load_key_hashes
-from mlray.serving.batching import MicroBatcher
 from mlray.serving.config import ServeAppConfig
-from mlray.serving.fastpath import Answer, FastPredict
-from mlray.serving.http import error_body, install_error_handlers, route_path
+from mlray.serving.core import Call, PredictionCore
+from mlray.serving.fastpath import FastPredict, read_limited
+from mlray.serving.http import install_error_handlers, response, route_path
 from mlray.serving.loader import ServedModel
 from mlray.serving.metrics import ServingMetrics
 from mlray.serving.rollout import Follower, RegistryWatcher
-from mlray.serving.validation import parse_json, parse_v1
 
 logger = logging.getLogger(__name__)
 
@@ -47,20 +37,13 @@ DEPLOYMENT_NAME = "ModelServer"
 
 
 class _Replica:
-    """What the module-level middlewares need from the one ModelServer in this process."""
+    """What the module-level routes and middlewares need from the one ModelServer in this process."""
 
     guard = KeyGuard()
     metrics: ServingMetrics | None = None
     model = ""
-    server: "ModelServer | None" = None  # set once the replica has loaded its models, if fast_path is on
-
-
-def _protocol(path: str) -> str:
-    if path.startswith("/v1/"):
-        return "v1"
-    if path.startswith("/v2/"):
-        return "v2"
-    return "mlflow" if path == "/invocations" else "other"
+    core: PredictionCore | None = None  # set once the replica has loaded its models
+    fast_path = True
 
 
 class MetricsMiddleware:
@@ -90,7 +73,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, observe)
         finally:
-            protocol = _protocol(route_path(scope))
+            protocol = routes.protocol_of(route_path(scope))
             if protocol != "other":
                 model = _Replica.model
                 metrics.count_request(model, seen["version"], seen["role"], protocol, seen["status"])
@@ -98,25 +81,75 @@ class MetricsMiddleware:
                                         tags={"model": model, "version": seen["version"], "protocol": protocol})
 
 
-api = FastAPI(title="mlray model server",
-              description="Predictions from models in the MLflow registry: V1, Open Inference Protocol V2, MLflow.")
-install_error_handlers(api)
-def _guard() -> KeyGuard:
-    return _Replica.guard
+def _endpoint(route: routes.Route, core_of: Callable[[], PredictionCore | None]) -> Callable[..., Any]:
+    """A FastAPI endpoint for ``route``: the core's handler, with the path's parameters declared."""
+
+    async def endpoint(request: Request, **params: str) -> Response:
+        core = core_of()
+        if core is None:
+            raise ModelLoadError("this replica has not loaded its models yet; retry shortly")
+        call = Call(route, params, request.headers, read_limited(request.receive, core.max_body_bytes))
+        body, headers = await core.answer(call)
+        return response(200, body, dict(headers))
+
+    names = re.findall(r"\{(\w+)\}", route.path)
+    endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request)]
+        + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=str) for name in names])
+    endpoint.__name__ = f"{route.handler}_{route.method.lower()}"
+    return endpoint
 
 
-def _auth_error(path: str, status: int, message: str) -> tuple[dict[str, Any], dict[str, str]]:
-    return error_body(path, status, message)
+class _ModelName(StringConvertor):
+    regex = routes.NAME_PATTERN
 
 
-api.add_middleware(FastPredict, server=lambda: _Replica.server)  # innermost: after the key check
-api.add_middleware(AuthMiddleware, guard=_guard, error_body=_auth_error)
+def register_routes(api: FastAPI, core_of: Callable[[], PredictionCore | None]) -> None:
+    """Every route of the table on ``api``, answered by ``core_of()``, described in its OpenAPI document."""
+    register_url_convertor("model", _ModelName())
+    for route in routes.ROUTES:
+        api.add_api_route(route.fastapi_path, _endpoint(route, core_of), methods=[route.method],
+                          summary=route.summary, response_class=Response, include_in_schema=False)
+
+
+def build_api(*, core: Callable[[], PredictionCore | None], guard: Callable[[], KeyGuard],
+              fast: Callable[[], PredictionCore | None]) -> FastAPI:
+    """The ASGI app of a replica (or of a test): the table's routes, the fast path, API keys, error handlers."""
+    app = FastAPI(title="mlray model server",
+                  description="Predictions from models in the MLflow registry: V1, Open Inference Protocol V2, "
+                              "MLflow scoring.")
+    install_error_handlers(app, protocol_of=routes.protocol_of)
+    register_routes(app, core)
+    openapi.install(app, core=core, guard=guard)
+    app.add_middleware(FastPredict, core=fast)  # innermost: after the key check
+    app.add_middleware(AuthMiddleware, guard=guard)
+    return app
+
+
+api = build_api(core=lambda: _Replica.core, guard=lambda: _Replica.guard,
+                fast=lambda: _Replica.core if _Replica.fast_path else None)
 api.add_middleware(MetricsMiddleware)  # outermost: refused keys are counted too
 
 
-def _bucket(key: str) -> float:
-    """A stable draw in [0, 1) for a request key: the same key always lands on the same side."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
+class _FollowedModels:
+    """The core's view of the replica's ``rollout.Follower``."""
+
+    def __init__(self, follower: Follower) -> None:
+        self.follower = follower
+
+    @property
+    def models(self) -> dict[str, ServedModel]:
+        return self.follower.models
+
+    @property
+    def failures(self) -> dict[str, str]:
+        return self.follower.failures
+
+    def record_shadow(self, record: dict[str, Any]) -> None:
+        self.follower.record_shadow(record)
+
+    async def rollout_status(self) -> dict[str, Any]:
+        return cast(dict[str, Any], await self.follower.watcher.status.remote())
 
 
 @serve.deployment(name=DEPLOYMENT_NAME, ray_actor_options={"num_cpus": 0.5})
@@ -133,26 +166,20 @@ class ModelServer:
         _Replica.guard.configure(enabled=auth.enabled, hashes=hashes)
         _Replica.metrics = self.metrics = ServingMetrics()
         _Replica.model = self.cfg.model
-        adm = self.cfg.admission
-        self.max_body_bytes = self.cfg.max_body_bytes
-        self.admission = Admission(max_ongoing=adm.max_ongoing_requests, max_queued=adm.max_queued_requests,
-                                   timeout_s=adm.timeout_s, retry_after_s=adm.retry_after_s)
         context = serve.get_replica_context()
         self.follower = Follower(self.cfg, watcher, replica=context.replica_id.unique_id,
                                  node=ray.get_runtime_context().get_node_id(), metrics=self.metrics)
-        self._batcher = MicroBatcher(self._predict_batch, max_batch_size=self.cfg.batching.max_batch_size,
-                                     wait_s=self.cfg.batching.batch_wait_timeout_s)
+        self.core = PredictionCore(self.cfg, _FollowedModels(self.follower), metrics=self.metrics)
         if self.cfg.metrics_agent_nice is not None:
             agents = lower_metrics_agent_priority(self.cfg.metrics_agent_nice)
             logger.info("Ray's metrics agent(s) %s now at nice %d (metrics_agent_nice)", agents,
                         self.cfg.metrics_agent_nice)
         await self.follower.start()  # loads and warms up; the replica is not healthy before this returns
-        self._background: set[asyncio.Task[Any]] = set()
-        self._spawn(self.follower.run())
-        if self.cfg.fast_path:
-            _Replica.server = self
+        self.core.spawn(self.follower.run())
+        _Replica.fast_path = self.cfg.fast_path
+        _Replica.core = self.core
         if auth.enabled and auth.keys_file:
-            self._spawn(self._follow_keys(KeyFileWatch(keys_env=auth.keys_env, keys_file=auth.keys_file)))
+            self.core.spawn(self._follow_keys(KeyFileWatch(keys_env=auth.keys_env, keys_file=auth.keys_file)))
 
     async def _follow_keys(self, watch: KeyFileWatch) -> None:
         """Keys added to or revoked from ``auth.keys_file`` take effect within a heartbeat."""
@@ -162,211 +189,9 @@ class ModelServer:
             if hashes is not None:
                 _Replica.guard.configure(enabled=True, hashes=hashes)
 
-    def _spawn(self, work: Any) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    # -- the prediction path, shared by every protocol -------------------------------------------------------
-
-    def _check_name(self, name: str) -> None:
-        if name != self.cfg.model:
-            raise NotFound(f"model {name!r} is not served here; this app serves {self.cfg.model!r}")
-
-    def _choose(self, headers: Any) -> str:
-        challenger = self.cfg.challenger
-        if challenger is None or challenger.mode != "split" or "challenger" not in self.follower.models:
-            return "champion"
-        key = headers.get(challenger.sticky_header.lower())
-        draw = _bucket(key) if key else random.random()
-        return "challenger" if draw < challenger.weight else "champion"
-
-    def _predict_batch(self, calls: list[tuple[ServedModel, np.ndarray]]) -> list[np.ndarray]:
-        # Requests that arrived together, perhaps for different versions: one model call per version.
-        out: list[np.ndarray | None] = [None] * len(calls)
-        groups: dict[int, list[int]] = {}
-        for i, (served, _) in enumerate(calls):
-            groups.setdefault(id(served), []).append(i)
-        for indices in groups.values():
-            served = calls[indices[0]][0]
-            arrays = [calls[i][1] for i in indices]
-            probabilities = served.loaded.predict_proba(np.concatenate(arrays))  # (sum N, K)
-            self.metrics.batch_size.observe(len(probabilities), tags={"model": self.cfg.model,
-                                                                      "version": str(served.info.version)})
-            for i, part in zip(indices, np.split(probabilities, np.cumsum([len(a) for a in arrays])[:-1]),
-                               strict=True):
-                out[i] = part
-        return cast(list[np.ndarray], out)
-
-    async def _run_model(self, served: ServedModel, x: np.ndarray) -> np.ndarray:
-        batching = self.cfg.batching
-        if batching.enabled and len(x) < batching.max_batch_size:
-            return await self._batcher.submit((served, x))
-        self.metrics.batch_size.observe(len(x), tags={"model": self.cfg.model, "version": str(served.info.version)})
-        return served.loaded.predict_proba(x)  # a request this large is a batch already
-
-    async def _answer(self, headers: Any, read_body: Callable[[], Awaitable[bytes]], parse: Callable[[Any, int], Any]
-                      ) -> tuple[Any, np.ndarray, ServedModel, dict[str, str]]:
-        """Admission first (a refused request costs no reading or parsing), then the body checked by
-        ``parse(payload, num_features)``, the champion/challenger choice, the model call and the shadow copy.
-
-        ``headers`` maps lower-case names to values; ``parse`` returns the (N, F) array, or an object with it
-        as ``.x``; that is returned too.
-        """
-        async with self.admission.admit() as left_s:
-            payload = parse_json(await read_body(), max_bytes=self.cfg.max_body_bytes)
-            parsed = parse(payload, self._champion.loaded.num_features)
-            x = parsed if isinstance(parsed, np.ndarray) else parsed.x
-            role = self._choose(headers)
-            served = self.follower.models[role]
-            probabilities = await self.admission.run(self._run_model(served, x), left_s=left_s)
-        if not np.isfinite(probabilities).all():
-            # JSON has no NaN. Every version passed a finite warm-up, so it is this input: values near float32's
-            # limit overflow the network. A 4xx naming the rows, not a bare 500.
-            rows = np.flatnonzero(~np.isfinite(probabilities).all(axis=1))
-            raise InvalidInput(f"version {served.info.version} gives no finite probabilities for row(s) "
-                               f"{rows[:10].tolist()} of this request: their values (largest |x| = "
-                               f"{float(np.abs(x[rows]).max()):.3g}) overflow the model")
-        challenger = self.cfg.challenger
-        if challenger is not None and challenger.mode == "shadow" and "challenger" in self.follower.models:
-            if len(self._background) < self.admission.max_ongoing:  # shadows never pile up behind clients
-                self._spawn(self._shadow(x, served, probabilities))
-        info = served.info
-        headers = {"x-model-name": info.name, "x-model-version": str(info.version), "x-model-run-id": info.run_id,
-                   "x-model-role": role, "x-request-id": headers.get("x-request-id") or uuid.uuid4().hex}
-        return parsed, probabilities, served, headers
-
-    async def _shadow(self, x: np.ndarray, champion: ServedModel, answered: np.ndarray) -> None:
-        challenger = self.follower.models.get("challenger")
-        if challenger is None:
-            return
-        try:
-            shadow = await self._run_model(challenger, x)
-        except Exception as err:  # noqa: BLE001 - a failing shadow never affects clients; it is counted
-            logger.warning("Shadow prediction by version %s failed: %s", challenger.info.version, err)
-            return
-        agree = bool((shadow.argmax(1) == answered.argmax(1)).all())
-        self.follower.record_shadow({
-            "time": time.time(), "rows": len(x), "champion_version": champion.info.version,
-            "challenger_version": challenger.info.version, "agree": agree,
-            "champion_labels": answered.argmax(1).tolist()[:16], "challenger_labels": shadow.argmax(1).tolist()[:16],
-            "max_abs_diff": float(np.abs(shadow - answered).max()),
-        })
-        self.metrics.shadow.inc(tags={"model": self.cfg.model, "version": str(challenger.info.version),
-                                      "agree": str(agree).lower()})
-
-    @property
-    def _champion(self) -> ServedModel:
-        return self.follower.models["champion"]
-
-    # -- the three prediction routes: called by FastAPI's routes below and by fastpath.FastPredict --------
-
-    async def predict_v1(self, name: str, headers: Any, read_body: Callable[[], Awaitable[bytes]]) -> Answer:
-        self._check_name(name)
-        max_rows = self.cfg.max_rows
-        _, probabilities, served, out = await self._answer(
-            headers, read_body, lambda payload, features: parse_v1(payload, num_features=features, max_rows=max_rows))
-        classes = served.loaded.class_names
-        return {"predictions": probabilities.tolist(), "labels": [classes[i] for i in probabilities.argmax(axis=1)],
-                "model_name": served.info.name, "model_version": served.info.version}, out
-
-    async def predict_v2(self, name: str, headers: Any, read_body: Callable[[], Awaitable[bytes]]) -> Answer:
-        self._check_name(name)
-        max_rows = self.cfg.max_rows
-        parsed, probabilities, served, out = await self._answer(
-            headers, read_body, lambda payload, features: protocols.parse_v2_infer(payload, num_features=features,
-                                                                                   max_rows=max_rows))
-        return protocols.v2_infer_response(probabilities, served.loaded.class_names, model_name=name,
-                                           model_version=str(served.info.version), request_id=parsed.id,
-                                           outputs=parsed.outputs), out
-
-    async def predict_mlflow(self, headers: Any, read_body: Callable[[], Awaitable[bytes]]) -> Answer:
-        names, max_rows = self._champion.loaded.feature_names, self.cfg.max_rows
-        _, probabilities, _, out = await self._answer(
-            headers, read_body,
-            lambda payload, _: protocols.parse_invocations(payload, feature_names=names, max_rows=max_rows))
-        return protocols.invocations_response(probabilities), out
-
-    # -- V1 --------------------------------------------------------------------------------------------------
-
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        return {"status": "ok"}
-
-    @api.get("/v1/models/{name}")
-    async def metadata(self, name: str) -> JSONResponse:
-        self._check_name(name)
-        served = self._champion
-        info, loaded = served.info, served.loaded
-        body = {
-            "name": info.name, "ready": True, "version": info.version, "alias": served.alias,
-            "run_id": info.run_id, "metrics": info.metrics,
-            "inputs": {"num_features": loaded.num_features, "feature_names": loaded.feature_names, "dtype": "float32"},
-            "classes": loaded.class_names, "load_seconds": round(served.load_seconds, 3),
-            "versions": {role: m.info.version for role, m in self.follower.models.items()},
-            "failures": self.follower.failures,
-        }
-        return JSONResponse(body, headers={"x-model-name": info.name, "x-model-version": str(info.version),
-                                           "x-model-run-id": info.run_id, "x-model-role": "champion"})
-
-    @api.get("/v1/models/{name}/status")
-    async def rollout_status(self, name: str) -> JSONResponse:
-        """The watcher's view: targets, every replica's versions and load failures, shadow summary."""
-        self._check_name(name)
-        return JSONResponse(await self.follower.watcher.status.remote())
-
-    @api.post("/v1/models/{name}:predict")
-    async def predict(self, name: str, request: Request) -> JSONResponse:
-        body, headers = await self.predict_v1(name, request.headers, request.body)
-        return JSONResponse(body, headers=headers)
-
-    # -- Open Inference Protocol V2 ------------------------------------------------------------------------
-
-    @api.get("/v2/health/live")
-    async def v2_live(self) -> dict[str, bool]:
-        return {"live": True}
-
-    @api.get("/v2/health/ready")
-    async def v2_ready(self) -> dict[str, bool]:
-        return {"ready": "champion" in self.follower.models}
-
-    @api.get("/v2/models/{name}")
-    async def v2_metadata(self, name: str) -> JSONResponse:
-        self._check_name(name)
-        served = self._champion
-        return JSONResponse(protocols.v2_model_metadata(
-            name=name, version=str(served.info.version), num_features=served.loaded.num_features,
-            class_names=served.loaded.class_names))
-
-    @api.get("/v2/models/{name}/ready")
-    async def v2_model_ready(self, name: str) -> dict[str, Any]:
-        self._check_name(name)
-        return {"name": name, "ready": "champion" in self.follower.models}
-
-    @api.post("/v2/models/{name}/infer")
-    async def v2_infer(self, name: str, request: Request) -> JSONResponse:
-        body, headers = await self.predict_v2(name, request.headers, request.body)
-        return JSONResponse(body, headers=headers)
-
-    # -- MLflow scoring protocol ---------------------------------------------------------------------------
-
-    @api.get("/ping")
-    async def ping(self) -> dict[str, str]:
-        return {"status": "ok"}
-
-    @api.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
-
-    @api.post("/invocations")
-    async def invocations(self, request: Request) -> JSONResponse:
-        body, headers = await self.predict_mlflow(request.headers, request.body)
-        return JSONResponse(body, headers=headers)
-
     def check_health(self) -> None:
         """Serve's health probe: a replica whose champion cannot answer is restarted."""
-        loaded = self._champion.loaded
-        loaded.predict_proba(np.zeros((1, loaded.num_features), dtype=np.float32))
+        self.core.check_health()
 
 
 def deployment_options(cfg: ServeAppConfig) -> dict[str, Any]:

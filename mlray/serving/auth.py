@@ -4,9 +4,9 @@ Keys are held only as sha256 hashes. They come from an environment variable (com
 ``sha256:<hex>`` hashes) or a secret file (one ``sha256:<hex>`` per line, ``#`` comments; written by
 ``mlray keys create``), never from the Serve YAML, which only says where to look.
 
-The guard is an ASGI middleware, so a route is protected unless it is on :data:`PUBLIC_PATHS`: a new
-route cannot be forgotten. It fails closed: until a replica has configured it, every protected route
-answers 401.
+The guard is an ASGI middleware, so a route is protected unless the route table (``routes.is_public``)
+says it is public: a new route cannot be forgotten. It fails closed: until a replica has configured it,
+every protected route answers 401.
 """
 
 from __future__ import annotations
@@ -20,18 +20,11 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from mlray.errors import ConfigError
-from mlray.serving.http import route_path
+from mlray.errors import ConfigError, Forbidden, MlrayError, Unauthorized
+from mlray.serving.http import render_error, route_path, send_response
+from mlray.serving.routes import is_public, protocol_of
 
 logger = logging.getLogger(__name__)
-
-# Liveness, readiness and the API description stay open; everything else needs a key.
-PUBLIC_PATHS = frozenset({
-    "/healthz", "/ping", "/health",
-    "/v2/health/live", "/v2/health/ready",
-    "/docs", "/docs/oauth2-redirect", "/openapi.json",
-})
-PUBLIC_SUFFIXES = ("/ready",)  # /v2/models/{name}/ready
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -138,10 +131,6 @@ def add_key_to_file(path: Path) -> str:
     return key
 
 
-def is_public(path: str) -> bool:
-    return path in PUBLIC_PATHS or (path.startswith("/v2/models/") and path.endswith(PUBLIC_SUFFIXES))
-
-
 class KeyGuard:
     """What the middleware checks against; a replica configures it once its keys are loaded."""
 
@@ -153,21 +142,19 @@ class KeyGuard:
         self._hashes = frozenset(hashes)
         self.enabled = enabled
 
-    def check(self, authorization: str | None) -> tuple[int, str] | None:
-        """None when allowed, else (status, message): 401 without a key, 403 with a wrong one."""
+    def check(self, authorization: str | None) -> MlrayError | None:
+        """None when allowed, else the refusal: :class:`Unauthorized` without a key, :class:`Forbidden` with a
+        wrong one."""
         if not self.enabled:
             return None
         scheme, _, token = (authorization or "").partition(" ")
         if not authorization or scheme.lower() != "bearer" or not token.strip():
-            return 401, "this route needs an API key: send 'Authorization: Bearer <key>'"
+            return Unauthorized("this route needs an API key: send 'Authorization: Bearer <key>'")
         presented = hash_key(token.strip())
         # compare against every hash, so the time taken does not say which one nearly matched
         if not any([hmac.compare_digest(presented, known) for known in self._hashes]):
-            return 403, "the API key is not valid for this server"
+            return Forbidden("the API key is not valid for this server")
         return None
-
-
-ErrorBody = Callable[[str, int, str], tuple[dict[str, Any], dict[str, str]]]
 
 
 class AuthMiddleware:
@@ -177,10 +164,9 @@ class AuthMiddleware:
     guard object captured here would not be the one the replica configures.
     """
 
-    def __init__(self, app: ASGIApp, *, guard: Callable[[], KeyGuard], error_body: ErrorBody) -> None:
+    def __init__(self, app: ASGIApp, *, guard: Callable[[], KeyGuard]) -> None:
         self.app = app
         self.guard = guard
-        self.error_body = error_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or is_public(route_path(scope)):
@@ -195,14 +181,6 @@ class AuthMiddleware:
         if refused is None:
             await self.app(scope, receive, send)
             return
-        status, message = refused
-        import json
-
-        body, headers = self.error_body(route_path(scope), status, message)
-        payload = json.dumps(body).encode()
-        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        if status == 401:
-            raw_headers.append((b"www-authenticate", b'Bearer realm="mlray"'))
-        raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": payload})
+        path = route_path(scope)
+        status, body, headers = render_error(protocol_of(path), refused)
+        await send_response(send, status, body, headers)

@@ -84,8 +84,10 @@ def _to_float32(values: list[Any], *, shape: tuple[int, int], where: Callable[[i
         if -_FLOAT32_MAX <= min(values) and max(values) <= _FLOAT32_MAX and sum(values) == sum(values):
             return np.asarray(values, dtype=np.float64).astype(np.float32).reshape(shape)
     try:
+        wide = np.asarray(values, dtype=np.float64)
+        # beyond float32's largest value is refused even where the cast would round it down to that value
         with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, refused just below
-            array = np.asarray(values, dtype=np.float64).astype(np.float32)
+            array = np.where(np.abs(wide) <= _FLOAT32_MAX, wide, np.inf).astype(np.float32)
     except OverflowError:  # an integer beyond float64: JSON allows any number of digits
         array = np.array([math.inf if abs(value) > _FLOAT32_MAX else 0.0 for value in values], dtype=np.float32)
     if not np.isfinite(array).all():

@@ -75,9 +75,9 @@ def test_every_route_is_public_or_protected(secure):
     # FastAPI's own documentation routes.
     spec = requests.get(f"{url}/openapi.json", timeout=10).json()
     routes = {(method.upper(), path) for path, methods in spec["paths"].items() for method in methods}
-    routes |= {(method, route.path) for route in api.routes if isinstance(route, (APIRoute, Route))
+    routes |= {(method, route.path_format) for route in api.routes if isinstance(route, (APIRoute, Route))
                for method in route.methods or {"GET"} if method != "HEAD"}
-    assert len(routes) >= 16, sorted(routes)  # 12 of the app, 4 of FastAPI
+    assert len(routes) >= 17, sorted(routes)  # 13 of the app, 4 of FastAPI
     checked = []
     for method, template in sorted(routes):
         path = _concrete(template)
@@ -178,6 +178,73 @@ def test_v1_v2_and_invocations_answer_the_same(secure):
     assert bad_mlflow.json()["error_code"] == "BAD_REQUEST" and "nope" in bad_mlflow.json()["message"]
     assert requests.get(f"{url}/docs", timeout=10).status_code == 200
     assert "/v2/models/{name}/infer" in requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]
+
+
+# -- real protocol clients ---------------------------------------------------------------------------------
+
+
+def test_tritonclient_with_its_defaults_answers_as_v1(secure):
+    """tritonclient.http as a user runs it: binary tensors in and out, server and model metadata."""
+    import tritonclient.http as httpclient
+
+    url, key, version = secure
+    headers = _auth(key)
+    client = httpclient.InferenceServerClient(url.removeprefix("http://"))
+    try:
+        server = client.get_server_metadata(headers=headers)
+        assert server["name"] == "mlray" and "binary_tensor_data" in server["extensions"]
+        model = client.get_model_metadata("proto", headers=headers)
+        assert model["versions"] == [str(version)] and model["inputs"][0]["shape"] == [-1, 64]
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("proto")
+        x, _ = sample_test_rows(parse_config({}).data, seed=3, count=16)
+        tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x.astype(np.float32))  # binary_data=True: tritonclient's default
+        result = client.infer("proto", [tensor], headers=dict(headers), request_id="t-1")  # it adds to the dict
+        answer = result.get_response()
+        assert answer["id"] == "t-1" and answer["model_version"] == str(version)
+        assert all("binary_data_size" in out["parameters"] for out in answer["outputs"])  # binary answers too
+        v1 = requests.post(f"{url}/v1/models/proto:predict", json={"instances": x.tolist()}, headers=headers,
+                           timeout=30).json()
+        np.testing.assert_allclose(result.as_numpy("probabilities"), np.asarray(v1["predictions"]), atol=1e-6)
+        assert [label.decode() for label in result.as_numpy("label")] == v1["labels"]
+        only = client.infer("proto", [tensor], headers=dict(headers),
+                            outputs=[httpclient.InferRequestedOutput("label", binary_data=False)])
+        assert only.as_numpy("label").tolist() == v1["labels"] and only.as_numpy("probabilities") is None
+    finally:
+        client.close()
+
+
+def test_invocations_csv_and_parquet_equal_the_json_answer(secure):
+    import pandas as pd
+
+    url, key, _ = secure
+    headers = _auth(key)
+    x, _ = sample_test_rows(parse_config({}).data, seed=5, count=8)
+    columns = requests.get(f"{url}/v1/models/proto", headers=headers, timeout=10).json()["inputs"]["feature_names"]
+    frame = pd.DataFrame(x, columns=columns)
+    as_json = requests.post(f"{url}/invocations", json={"dataframe_split": frame.to_dict(orient="split")},
+                            headers=headers, timeout=30)
+    assert as_json.status_code == 200, as_json.text
+    for content_type, body in (("text/csv", frame.to_csv(index=False).encode()),
+                               ("text/csv", frame[columns[::-1]].to_csv().encode()),
+                               ("application/vnd.apache.parquet", frame.to_parquet())):
+        answer = requests.post(f"{url}/invocations", data=body, headers={**headers, "Content-Type": content_type},
+                               timeout=30)
+        assert answer.status_code == 200, (content_type, answer.text)
+        assert answer.json() == as_json.json(), content_type
+    bad = requests.post(f"{url}/invocations", data=b"a,b\n1,2\n", headers={**headers, "Content-Type": "text/csv"},
+                        timeout=10)
+    assert bad.status_code == 400 and bad.json()["error_code"] == "BAD_REQUEST"
+    assert "csv header" in bad.json()["message"]
+
+
+def test_schemathesis_all_checks_on_the_deployed_app(secure, tmp_path):
+    """The same run as tests/unit/test_openapi_fuzz.py, through Serve's proxy to a real replica."""
+    from tests.unit.test_openapi_fuzz import run_schemathesis
+
+    url, key, _ = secure
+    result = run_schemathesis(f"{url}/openapi.json", tmp_path, key=key, max_examples=5, max_time_s=60)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 
 
 # -- h: property-based fuzz ------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from mlray.errors import ConfigError, Overloaded, RequestTimeout
+from mlray.errors import ConfigError, Forbidden, Overloaded, RequestTimeout, Unauthorized
 from mlray.serving.admission import Admission
 from mlray.serving.auth import (
     AuthMiddleware,
@@ -20,7 +20,6 @@ from mlray.serving.auth import (
     is_public,
     load_key_hashes,
 )
-from mlray.serving.http import error_body
 
 
 def test_admission_runs_queues_then_refuses_with_retry_after():
@@ -91,12 +90,12 @@ def test_missing_key_file_is_a_config_error(tmp_path):
 
 def test_guard_fails_closed_then_checks_keys():
     guard = KeyGuard()
-    assert guard.check("Bearer anything")[0] == 403  # not configured yet: nothing gets through
+    assert isinstance(guard.check("Bearer anything"), Forbidden)  # not configured yet: nothing gets through
     guard.configure(enabled=True, hashes={hash_key("right")})
-    assert guard.check(None)[0] == 401
-    assert guard.check("Basic cmlnaHQ=")[0] == 401
-    assert guard.check("Bearer ")[0] == 401
-    assert guard.check("Bearer wrong")[0] == 403
+    assert isinstance(guard.check(None), Unauthorized)
+    assert isinstance(guard.check("Basic cmlnaHQ="), Unauthorized)
+    assert isinstance(guard.check("Bearer "), Unauthorized)
+    assert isinstance(guard.check("Bearer wrong"), Forbidden)
     assert guard.check("Bearer right") is None and guard.check("bearer right") is None
     guard.configure(enabled=False)
     assert guard.check(None) is None
@@ -117,7 +116,7 @@ def test_middleware_answers_in_each_protocols_shape():
     async def inner(scope, receive, send):
         reached.append(scope["path"])
 
-    middleware = AuthMiddleware(inner, guard=lambda: guard, error_body=lambda p, s, m: error_body(p, s, m))
+    middleware = AuthMiddleware(inner, guard=lambda: guard)
 
     def call(path, headers=()):
         sent: list[dict] = []
@@ -162,7 +161,8 @@ def test_key_file_watch_follows_added_revoked_and_broken_files(tmp_path, monkeyp
     assert watch.changed() == frozenset()
     guard = KeyGuard()
     guard.configure(enabled=True, hashes=frozenset())
-    assert guard.check(f"Bearer {second}") == (403, "the API key is not valid for this server")
+    refused = guard.check(f"Bearer {second}")
+    assert isinstance(refused, Forbidden) and str(refused) == "the API key is not valid for this server"
 
 
 def test_admission_sees_requests_that_arrive_together_even_if_none_yields():

@@ -42,25 +42,23 @@ def test_encode_is_read_back_as_starlette_would_have_written_it(body):
 
 
 class Server:
-    """Answers like ModelServer's prediction methods: reads the body, returns (body, headers) or raises."""
+    """Answers like PredictionCore.answer: reads the body, returns (body, headers) or raises."""
 
     max_body_bytes = 1024
 
-    async def predict_v1(self, name: str, headers: Any, read_body: Any) -> Any:
-        payload = json.loads(await read_body())
+    async def answer(self, call: Any) -> Any:
+        if call.route.kind == "v2":
+            raise InvalidInput("'inputs' is missing")
+        if call.route.kind == "mlflow":
+            raise InvalidInput("'dataframe_split' is missing")
+        payload = json.loads(await call.read_body())
         if payload.get("fail") == "input":
             raise InvalidInput("instances[0] has 3 values; expected 4")
         if payload.get("fail") == "busy":
             raise Overloaded("the server is at capacity", retry_after_s=2)
         if payload.get("fail") == "bug":
             raise KeyError("oops")
-        return {"name": name, "key": headers.get("x-mlray-key")}, {"x-model-version": "7"}
-
-    async def predict_v2(self, name: str, headers: Any, read_body: Any) -> Any:
-        raise InvalidInput("'inputs' is missing")
-
-    async def predict_mlflow(self, headers: Any, read_body: Any) -> Any:
-        raise InvalidInput("'dataframe_split' is missing")
+        return {"name": call.params["name"], "key": call.headers.get("x-mlray-key")}, {"x-model-version": "7"}
 
 
 def call(path: str, body: bytes, *, method: str = "POST", server: Any = Server(), chunk: int = 0) -> dict:
@@ -80,7 +78,7 @@ def call(path: str, body: bytes, *, method: str = "POST", server: Any = Server()
 
     scope = {"type": "http", "method": method, "path": path, "root_path": "",
              "headers": [(b"x-mlray-key", b"alice"), (b"content-type", b"application/json")]}
-    asyncio.run(FastPredict(downstream, server=lambda: server)(scope, receive, send))
+    asyncio.run(FastPredict(downstream, core=lambda: server)(scope, receive, send))
     if passed:
         return {"passed": True}
     headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}

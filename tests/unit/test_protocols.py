@@ -12,20 +12,28 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlray.errors import BadRequest, InvalidInput, MlrayError, PayloadTooLarge
-from mlray.serving.protocols import (
-    V2_OUTPUTS,
-    invocations_response,
-    mlflow_error,
-    mlflow_error_code,
-    mlflow_status,
-    parse_invocations,
-    parse_v2_infer,
-    v2_error,
-    v2_infer_response,
-    v2_model_metadata,
-    v2_status,
-)
+from mlray.serving.http import mlflow_error, mlflow_error_code, render_error, status_for
+from mlray.serving.oip import OUTPUTS as V2_OUTPUTS
+from mlray.serving.oip import Request, infer_response
+from mlray.serving.oip import model_metadata as v2_model_metadata
+from mlray.serving.oip import parse_infer as parse_v2_infer
+from mlray.serving.scoring import invocations_response, parse_invocations
 from mlray.serving.validation import parse_json, parse_v1
+
+
+def v2_status(err: MlrayError) -> int:
+    return status_for("v2", err)
+
+
+def mlflow_status(err: MlrayError) -> int:
+    return status_for("mlflow", err)
+
+
+def v2_infer_response(probs, classes, *, model_name, model_version, request_id, outputs):
+    request = Request(id=request_id, x=np.zeros((len(probs), 1), np.float32), outputs=outputs)
+    body, raw = infer_response(probs, classes, model_name=model_name, model_version=model_version, request=request)
+    assert raw == b""  # nothing asked for as binary
+    return body
 
 FEATURES = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
 F = len(FEATURES)
@@ -182,7 +190,7 @@ V2_BAD = [
     ({"inputs": [{"name": "x", "shape": [F], "datatype": "FP32"}]}, InvalidInput,
      r"'inputs\[0\].data' must be a list of numbers, got null"),
     ({"inputs": [{"name": "x", "shape": [F], "datatype": "FP32", "parameters": {"binary_data_size": 16}}]},
-     InvalidInput, "binary tensor extension"),
+     InvalidInput, r"the body has 0 bytes after the JSON header; .inputs\[0\]. declares 16"),
     (tensor(FLAT[:7], [2, F]), InvalidInput, r"'inputs\[0\].data' has 7 values; shape \[2, 4\] needs 8"),
     (tensor(ROWS, [2, F]), InvalidInput, r"'inputs\[0\].data' has 3 rows; the shape \[2, 4\] says 2"),
     (tensor([ROWS[0], ROWS[1][:3]], [2, F]), InvalidInput, r"'inputs\[0\].data\[1\]' has 3 values"),
@@ -372,7 +380,8 @@ def test_v2_metadata_and_error_shapes():
     for t in meta["inputs"] + meta["outputs"]:  # $metadata_tensor: exactly name, datatype, shape
         assert set(t) == {"name", "datatype", "shape"} and t["datatype"] in SPEC_DATATYPES
     assert [out["name"] for out in meta["outputs"]] == list(V2_OUTPUTS)
-    assert v2_error("'inputs[0].shape' is [1, 5]") == {"error": "'inputs[0].shape' is [1, 5]"}
+    status, body, _ = render_error("v2", InvalidInput("'inputs[0].shape' is [1, 5]"))
+    assert (status, body) == (400, {"error": "'inputs[0].shape' is [1, 5]"})
 
 
 # --- against MLflow's own scoring server code ---------------------------------------------------------------
