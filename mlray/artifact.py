@@ -179,7 +179,7 @@ def find_model_dir(root: Path) -> Path:
     raise ModelLoadError(f"{root} holds no {META_FILE}: not a model logged by mlray")
 
 
-def load_model_dir(folder: Path, *, expected_sha256: str | None = None, device: str | torch.device | None = None
+def load_model_dir(folder: str | Path, *, expected_sha256: str | None = None, device: str | torch.device | None = None
                    ) -> LoadedModel:
     """Rebuild the model from its spec and load the weights, after checking their sha256.
 
@@ -187,7 +187,7 @@ def load_model_dir(folder: Path, *, expected_sha256: str | None = None, device: 
     """
     from safetensors.torch import load_file
 
-    folder = find_model_dir(folder)
+    folder = find_model_dir(Path(folder))
     try:
         meta = json.loads((folder / META_FILE).read_text())
     except (OSError, json.JSONDecodeError) as err:
