@@ -29,7 +29,7 @@ from ray import serve
 
 from mlray.errors import InvalidInput, NotFound
 from mlray.serve_env import lower_metrics_agent_priority
-from mlray.serving import protocols
+from mlray.serving import outputs, protocols
 from mlray.serving.admission import Admission
 from mlray.serving.auth import AuthMiddleware, KeyFileWatch, KeyGuard, load_key_hashes
 from mlray.serving.batching import MicroBatcher
@@ -266,8 +266,7 @@ class ModelServer:
         max_rows = self.cfg.max_rows
         _, probabilities, served, out = await self._answer(
             headers, read_body, lambda payload, features: parse_v1(payload, num_features=features, max_rows=max_rows))
-        classes = served.loaded.class_names
-        return {"predictions": probabilities.tolist(), "labels": [classes[i] for i in probabilities.argmax(axis=1)],
+        return {**outputs.v1_fields(probabilities, served.loaded),
                 "model_name": served.info.name, "model_version": served.info.version}, out
 
     async def predict_v2(self, name: str, headers: Any, read_body: Callable[[], Awaitable[bytes]]) -> Answer:
@@ -276,16 +275,16 @@ class ModelServer:
         parsed, probabilities, served, out = await self._answer(
             headers, read_body, lambda payload, features: protocols.parse_v2_infer(payload, num_features=features,
                                                                                    max_rows=max_rows))
-        return protocols.v2_infer_response(probabilities, served.loaded.class_names, model_name=name,
-                                           model_version=str(served.info.version), request_id=parsed.id,
-                                           outputs=parsed.outputs), out
+        return outputs.v2_response(probabilities, served.loaded, model_name=name,
+                                   model_version=str(served.info.version), request_id=parsed.id,
+                                   requested=parsed.outputs), out
 
     async def predict_mlflow(self, headers: Any, read_body: Callable[[], Awaitable[bytes]]) -> Answer:
         names, max_rows = self._champion.loaded.feature_names, self.cfg.max_rows
-        _, probabilities, _, out = await self._answer(
+        _, probabilities, served, out = await self._answer(
             headers, read_body,
             lambda payload, _: protocols.parse_invocations(payload, feature_names=names, max_rows=max_rows))
-        return protocols.invocations_response(probabilities), out
+        return outputs.invocations(probabilities, served.loaded), out
 
     # -- V1 --------------------------------------------------------------------------------------------------
 
@@ -334,9 +333,7 @@ class ModelServer:
     async def v2_metadata(self, name: str) -> JSONResponse:
         self._check_name(name)
         served = self._champion
-        return JSONResponse(protocols.v2_model_metadata(
-            name=name, version=str(served.info.version), num_features=served.loaded.num_features,
-            class_names=served.loaded.class_names))
+        return JSONResponse(outputs.v2_metadata(served.loaded, name=name, version=str(served.info.version)))
 
     @api.get("/v2/models/{name}/ready")
     async def v2_model_ready(self, name: str) -> dict[str, Any]:
