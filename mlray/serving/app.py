@@ -301,7 +301,8 @@ class ModelServer:
             "name": info.name, "ready": True, "version": info.version, "alias": served.alias,
             "run_id": info.run_id, "metrics": info.metrics,
             "inputs": {"num_features": loaded.num_features, "feature_names": loaded.feature_names, "dtype": "float32"},
-            "classes": loaded.class_names, "load_seconds": round(served.load_seconds, 3),
+            "classes": loaded.class_names, "task": loaded.task, "device": str(loaded.device),
+            "load_seconds": round(served.load_seconds, 3),
             "versions": {role: m.info.version for role, m in self.follower.models.items()},
             "failures": self.follower.failures,
         }
