@@ -61,6 +61,8 @@ class DataConfig(_Strict):
                 f"data.label_column is required for a file source ({self.source!r}); "
                 f"bundled sources are {', '.join(BUNDLED_DATASETS)}"
             )
+        if self.source in BUNDLED_DATASETS and self.num_classes is not None:
+            raise ValueError(f"data.num_classes applies to a file source; {self.source!r} knows its classes")
         return self
 
 
