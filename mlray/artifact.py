@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,12 @@ def tree_sha256(folder: Path) -> str:
 
 
 def _use_code(folder: Path, meta: dict[str, Any]) -> None:
-    """Put the model's shipped factory source first on sys.path, after checking it is what was logged."""
+    """Put the model's shipped factory source first on sys.path, after checking it is what was logged.
+
+    The code is kept in a folder named by its sha256 under the temp dir, not used from ``folder``: loaders
+    download a model into a temporary folder and delete it once the weights are read, and a package may
+    still import its submodules later.
+    """
     code = folder / CODE_DIR
     wanted = meta.get("code_sha256")
     if wanted is None:
@@ -158,10 +164,19 @@ def _use_code(folder: Path, meta: dict[str, Any]) -> None:
     actual = tree_sha256(code)
     if actual != wanted:
         raise ModelLoadError(f"code sha256 {actual[:16]}... does not match the metadata's {wanted[:16]}...")
-    if str(code) not in sys.path:
+    kept = Path(tempfile.gettempdir()) / "mlray-code" / actual
+    if not kept.is_dir():
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{actual[:16]}-", dir=kept.parent))
+        shutil.copytree(code, staging, dirs_exist_ok=True)
+        try:
+            staging.rename(kept)  # atomic: a concurrent loader of the same code finds a complete folder
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # another process was first; its copy is the same
+    if str(kept) not in sys.path:
         # First: the model is rebuilt with the code it was trained with. A module of the same name imported
         # earlier in this process stays in use (Python imports a module once).
-        sys.path.insert(0, str(code))
+        sys.path.insert(0, str(kept))
 
 
 def default_device() -> torch.device:

@@ -101,6 +101,8 @@ def test_trained_with_two_workers_from_the_working_dir_and_registered(submitted,
 
 def test_served_pyfunc_and_loader_agree(submitted, env, rows, tmp_path):
     x, y = rows
+    promoted = run([str(BIN / "mlray"), "promote", "usermodel", "--version", "1"], env)
+    assert promoted.returncode == 0, promoted.stderr[-2000:]
     port = free_port()
     served = run([str(BIN / "mlray"), "serve", "--model", "usermodel", "--port", str(port)], env)
     assert served.returncode == 0, served.stdout[-2000:] + served.stderr[-3000:]
@@ -112,7 +114,7 @@ def test_served_pyfunc_and_loader_agree(submitted, env, rows, tmp_path):
     via_loader = fresh("loader", x, env, tmp_path)
     # the package each fresh process used came from the registered model's files
     for got in (via_pyfunc, via_loader):
-        assert "userproject" not in got["module"] and f"code{os.sep}usermodel" in got["module"], got["module"]
+        assert f"mlray-code{os.sep}" in got["module"] and "userproject" not in got["module"], got["module"]
     np.testing.assert_allclose(np.asarray(via_pyfunc["out"]), via_http, atol=1e-5)
     np.testing.assert_allclose(np.asarray(via_loader["out"]), via_http, atol=1e-5)
     assert (via_http.argmax(1) == y).mean() >= 0.85
