@@ -193,7 +193,14 @@ class StandardizedModel(nn.Module):
         super().__init__()
         factory = resolve_factory(spec.factory)
         _check_call(spec.factory, factory, spec)
-        body = factory(num_features=spec.num_features, num_outputs=spec.num_outputs, **spec.kwargs)
+        try:
+            body = factory(num_features=spec.num_features, num_outputs=spec.num_outputs, **spec.kwargs)
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the user's factory failed: say which and with what
+            raise ConfigError(f"model.factory {spec.factory!r} failed with num_features={spec.num_features}, "
+                              f"num_outputs={spec.num_outputs}, model.kwargs {spec.kwargs}: "
+                              f"{type(err).__name__}: {err}") from None
         if not isinstance(body, nn.Module):
             raise ConfigError(f"model.factory {spec.factory!r} returned {type(body).__name__}, not a torch nn.Module")
         self.spec = spec

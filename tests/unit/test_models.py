@@ -161,3 +161,9 @@ def test_changed_code_is_refused(tmp_path, userproject):
     nets.write_text(nets.read_text() + "\nimport os  # changed after registration\n")
     with pytest.raises(ModelLoadError, match="code sha256 .* does not match the metadata"):
         load_model_dir(folder)
+
+
+def test_a_factory_that_raises_is_reported_with_its_arguments(userproject):
+    with pytest.raises(ConfigError, match=r"model.factory 'usermodel.nets:residual_mlp' failed with num_features=5, "
+                                          r"num_outputs=3, model.kwargs \{'width': -1\}: RuntimeError"):
+        check_model(_spec("usermodel.nets:residual_mlp", width=-1))
