@@ -229,8 +229,8 @@ def epoch_pass(
     return metrics, rows, seconds
 
 
-def evaluate_test_split(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, task: str, loss: str,
-              num_classes: int | None) -> dict[str, Any]:
+def evaluate_test_split(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, task: str,
+                        loss: str, num_classes: int | None) -> dict[str, Any]:
     """Test metrics summed over every rank, and for classification the (K, K) confusion matrix as lists."""
     device = _device_of(model)
     stats, confusion = evaluate(model, batches, num_classes=num_classes, task=task, loss=loss)
