@@ -102,9 +102,12 @@ def load_model(name: str, *, alias: str | None = None, version: int | None = Non
     if alias is None and version is None:
         alias = "champion"
     loaded = load_registered(name, alias=alias, version=version).loaded
-    if device is not None:
-        import torch
+    if device is None:
+        return loaded
+    import dataclasses
 
-        loaded.model.to(device)
-        object.__setattr__(loaded, "device", torch.device(device))
-    return loaded
+    import torch
+
+    target = torch.device(device)
+    loaded.model.to(target)
+    return dataclasses.replace(loaded, device=target)
