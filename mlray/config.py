@@ -216,16 +216,10 @@ class JobConfig(_Strict):
             raise ValueError(f"train.loss {self.train.loss!r} does not fit task {task!r}; choose one of "
                              f"{list(LOSSES[task])}")
         gate = self.registry.gate
-        kind = gate.metric.rsplit("_", 1)[-1]
-        other = [name for t, names in TASK_METRICS.items() if t != task for name in names]
-        if kind not in TASK_METRICS[task] and kind in other:
-            raise ValueError(f"registry.gate.metric {gate.metric!r} is not recorded for task {task!r}; "
-                             f"choose test_<{'|'.join(TASK_METRICS[task])}>")
-        better = TASK_METRICS[task].get(kind)
-        if better is not None and gate.direction != better:
-            raise ValueError(f"registry.gate.direction {gate.direction!r} is wrong for {gate.metric!r}: "
-                             f"{kind} is better when it goes {'up' if better == 'maximize' else 'down'} "
-                             f"(direction: {better})")
+        _check_metric(task, "registry.gate", gate.metric, "direction", gate.direction, prefix="test")
+        if self.tune is not None:
+            mode = {"max": "maximize", "min": "minimize"}[self.tune.mode]
+            _check_metric(task, "tune", self.tune.metric, "mode", mode, prefix="val")
         return self
 
     @property
@@ -235,6 +229,21 @@ class JobConfig(_Strict):
     @property
     def loss(self) -> str:
         return self.train.loss or LOSSES[self.task][0]
+
+
+def _check_metric(task: str, section: str, metric: str, field: str, direction: str, *, prefix: str) -> None:
+    """A metric the task records, optimised in the direction in which it gets better."""
+    kind = metric.rsplit("_", 1)[-1]
+    other = [name for t, names in TASK_METRICS.items() if t != task for name in names]
+    if kind not in TASK_METRICS[task] and kind in other:
+        raise ValueError(f"{section}.metric {metric!r} is not recorded for task {task!r}; "
+                         f"choose {prefix}_<{'|'.join(TASK_METRICS[task])}>")
+    better = TASK_METRICS[task].get(kind)
+    if better is not None and direction != better:
+        shown = direction if field == "direction" else direction[:3]
+        wanted = better if field == "direction" else better[:3]
+        raise ValueError(f"{section}.{field} {shown!r} is wrong for {metric!r}: {kind} is better when it goes "
+                         f"{'up' if better == 'maximize' else 'down'} ({field}: {wanted})")
 
 
 def _format_error(err: ValidationError, origin: str) -> str:

@@ -110,3 +110,11 @@ def test_classification_answers_are_unchanged(tmp_path):
     v2 = outputs.v2_response(probs, loaded, model_name="m", model_version="1", request_id=None, requested=None)
     assert [o["name"] for o in v2["outputs"]] == ["probabilities", "label"]
     assert outputs.invocations(probs, loaded) == {"predictions": probs.tolist()}
+
+
+def test_a_sweep_optimises_a_metric_of_the_task_in_its_direction():
+    with pytest.raises(ConfigError, match="tune.metric 'val_accuracy' is not recorded for task 'regression'"):
+        parse_config({"task": "regression", "data": FILE, "tune": {}})
+    with pytest.raises(ConfigError, match="tune.mode 'max' is wrong for 'val_rmse': rmse is better when it goes down"):
+        parse_config({"task": "regression", "data": FILE, "tune": {"metric": "val_rmse", "mode": "max"}})
+    assert parse_config({"task": "regression", "data": FILE, "tune": {"metric": "val_rmse", "mode": "min"}}).tune
