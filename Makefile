@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # build); with a GPU, pip resolves torch normally and gets CUDA.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: setup quickstart test test-unit down lint clean
+.PHONY: setup quickstart test test-unit test-gpu down lint clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test: setup
 
 test-unit: setup
 	$(VENV)/bin/pytest tests/unit
+
+# On a machine with CUDA: the GPU tests (tests/gpu, and unit tests marked gpu). Skipped without one.
+test-gpu: setup
+	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -m gpu tests/gpu tests/unit
 
 down:
 	$(VENV)/bin/mlray down

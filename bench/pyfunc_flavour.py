@@ -151,7 +151,7 @@ def main() -> None:
     mlflow.set_tracking_uri(uri)
     features = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
     torch.manual_seed(0)
-    model = build(ModelSpec(arch="mlp", num_features=64, num_classes=10))
+    model = build(ModelSpec(factory="mlray.models:mlp", num_features=64, num_outputs=10))
     model.eval()
     write_model_dir(tmp / "model", model=model, feature_names=features, class_names=[str(i) for i in range(10)])
     rows = np.random.default_rng(0).uniform(0, 16, size=(4, 64))

@@ -15,6 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mlray.errors import ConfigError
 
 BUNDLED_DATASETS = ("digits", "breast_cancer", "synthetic")
+# model.arch shorthands for the built-in factories
+BUILTIN_FACTORIES = {"mlp": "mlray.models:mlp", "cnn": "mlray.models:cnn"}
+BUILTIN_ARCHS = tuple(BUILTIN_FACTORIES)
+# The metrics each task records (val_*, test_*, final_*) and the direction in which each is better.
+TASK_METRICS: dict[str, dict[str, str]] = {
+    "classification": {"accuracy": "maximize", "loss": "minimize"},
+    "regression": {"rmse": "minimize", "mae": "minimize", "r2": "maximize", "loss": "minimize"},
+}
+LOSSES = {"classification": ("cross_entropy",), "regression": ("mse", "l1", "huber")}
 
 
 class _Strict(BaseModel):
@@ -32,6 +41,10 @@ class DataConfig(_Strict):
         default="digits", description="digits | breast_cancer | synthetic | a CSV/Parquet file or folder"
     )
     label_column: str | None = Field(default=None, description="label column of a CSV/Parquet source")
+    num_classes: int | None = Field(
+        default=None, ge=2,
+        description="classification from a file: labels must be 0..num_classes-1 (default: largest label + 1)",
+    )
     val_fraction: float = Field(default=0.15, gt=0, lt=0.5)
     test_fraction: float = Field(default=0.15, gt=0, lt=0.5)
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -48,13 +61,22 @@ class DataConfig(_Strict):
                 f"data.label_column is required for a file source ({self.source!r}); "
                 f"bundled sources are {', '.join(BUNDLED_DATASETS)}"
             )
+        if self.source in BUNDLED_DATASETS and self.num_classes is not None:
+            raise ValueError(f"data.num_classes applies to a file source; {self.source!r} knows its classes")
         return self
 
 
 class ModelConfig(_Strict):
+    """The built-in ``arch`` (with ``hidden`` and ``dropout``), or a ``factory`` of your own with ``kwargs``."""
+
     arch: str = "mlp"
     hidden: tuple[int, ...] = (128, 64)
     dropout: float = Field(default=0.1, ge=0, lt=1)
+    factory: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$",
+        description="'package.module:function' called as function(num_features=F, num_outputs=K, **kwargs)",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for model.factory")
 
     @field_validator("hidden")
     @classmethod
@@ -62,6 +84,35 @@ class ModelConfig(_Strict):
         if not value or any(width < 1 for width in value):
             raise ValueError(f"every hidden width must be a positive integer, got {list(value)}")
         return value
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if value not in BUILTIN_ARCHS:
+            raise ValueError(f"model.arch {value!r} is not known; choose one of {list(BUILTIN_ARCHS)}, "
+                             "or name your own with model.factory: 'package.module:function'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ModelConfig:
+        if self.factory is not None:
+            builtin_only = sorted({"arch", "hidden", "dropout"} & self.model_fields_set)
+            if builtin_only:
+                raise ValueError(f"model.{builtin_only[0]} applies to the built-in architectures; with "
+                                 f"model.factory {self.factory!r} pass the factory's options in model.kwargs")
+        elif self.kwargs:
+            raise ValueError("model.kwargs needs model.factory; the built-ins take model.hidden and model.dropout")
+        return self
+
+    @property
+    def factory_path(self) -> str:
+        return self.factory or BUILTIN_FACTORIES[self.arch]
+
+    @property
+    def factory_kwargs(self) -> dict[str, Any]:
+        if self.factory is not None:
+            return dict(self.kwargs)
+        return {"hidden": list(self.hidden), "dropout": self.dropout}
 
 
 class TrainConfig(_Strict):
@@ -79,6 +130,9 @@ class TrainConfig(_Strict):
     )
     checkpoints_to_keep: int = Field(default=2, ge=1)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    loss: Literal["cross_entropy", "mse", "l1", "huber"] | None = Field(
+        default=None, description="default: cross_entropy for classification, mse for regression"
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32", description="mixed precision: bf16 autocast, or fp16 autocast with a gradient scaler"
     )
@@ -133,15 +187,63 @@ class JobConfig(_Strict):
     name: str = Field(default="digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="registered model name")
     experiment: str | None = None
     seed: int = 42
+    task: Literal["classification", "regression"] = "classification"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     registry: RegistryConfig = RegistryConfig()
     tune: TuneSettings | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _regression_gate(cls, data: Any) -> Any:
+        """A regression job without a gate of its own gates on test_rmse (lower is better)."""
+        if isinstance(data, dict) and data.get("task") == "regression":
+            registry = data.get("registry") or {}
+            if isinstance(registry, dict) and "gate" not in registry:
+                data = {**data, "registry": {**registry, "gate": {"metric": "test_rmse", "direction": "minimize"}}}
+        return data
+
+    @model_validator(mode="after")
+    def _fits_task(self) -> JobConfig:
+        task = self.task
+        if task == "regression" and self.data.source in BUNDLED_DATASETS:
+            raise ValueError(f"task 'regression' needs a CSV/Parquet data.source with a numeric "
+                             f"data.label_column; {self.data.source!r} is a classification dataset")
+        if task == "regression" and self.data.num_classes is not None:
+            raise ValueError("data.num_classes applies to classification, not task 'regression'")
+        if self.train.loss is not None and self.train.loss not in LOSSES[task]:
+            raise ValueError(f"train.loss {self.train.loss!r} does not fit task {task!r}; choose one of "
+                             f"{list(LOSSES[task])}")
+        gate = self.registry.gate
+        _check_metric(task, "registry.gate", gate.metric, "direction", gate.direction, prefix="test")
+        if self.tune is not None:
+            mode = {"max": "maximize", "min": "minimize"}[self.tune.mode]
+            _check_metric(task, "tune", self.tune.metric, "mode", mode, prefix="val")
+        return self
+
     @property
     def experiment_name(self) -> str:
         return self.experiment or self.name
+
+    @property
+    def loss(self) -> str:
+        return self.train.loss or LOSSES[self.task][0]
+
+
+def _check_metric(task: str, section: str, metric: str, field: str, direction: str, *, prefix: str) -> None:
+    """A metric the task records, optimised in the direction in which it gets better."""
+    kind = metric.rsplit("_", 1)[-1]
+    other = [name for t, names in TASK_METRICS.items() if t != task for name in names]
+    if kind not in TASK_METRICS[task] and kind in other:
+        raise ValueError(f"{section}.metric {metric!r} is not recorded for task {task!r}; "
+                         f"choose {prefix}_<{'|'.join(TASK_METRICS[task])}>")
+    better = TASK_METRICS[task].get(kind)
+    if better is not None and direction != better:
+        shown = direction if field == "direction" else direction[:3]
+        wanted = better if field == "direction" else better[:3]
+        raise ValueError(f"{section}.{field} {shown!r} is wrong for {metric!r}: {kind} is better when it goes "
+                         f"{'up' if better == 'maximize' else 'down'} ({field}: {wanted})")
 
 
 def _format_error(err: ValidationError, origin: str) -> str:

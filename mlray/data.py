@@ -1,8 +1,10 @@
 """Datasets as Ray Datasets: bundled real data, a seeded synthetic generator, CSV/Parquet files.
 
 Every source ends in the same shape: three Ray Datasets (train / validation / test) whose rows hold
-``x`` (float32 features, shape ``(F,)``) and ``y`` (int64 class), plus the standardisation statistics
-fitted on the training split only, and a fingerprint recorded with the run.
+``x`` (float32 features, shape ``(F,)``) and ``y`` (int64 class, or a float32 target for regression), plus
+the standardisation statistics fitted on the training split only, and a fingerprint recorded with the run.
+Labels are checked on the driver before any worker starts: classes must be whole numbers in 0..K-1, a
+regression target must be numeric.
 
 Splits are seeded and deterministic. Small bundled data is split in memory; synthetic and file data are
 split row by row from a hash (of the row id, or of the row's values), so nothing is collected into the
@@ -41,10 +43,18 @@ class DatasetSpec:
     fingerprint: str
     sizes: dict[str, int] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
+    task: str = "classification"
+    target_mean: list[float] = field(default_factory=list)  # regression: the training split's target statistics
+    target_std: list[float] = field(default_factory=list)
 
     @property
     def num_features(self) -> int:
         return len(self.feature_names)
+
+    @property
+    def num_outputs(self) -> int:
+        """K: class logits for classification, one value per target for regression."""
+        return self.num_classes if self.task == "classification" else len(self.target_mean)
 
 
 @dataclass(frozen=True)
@@ -171,10 +181,10 @@ def _filter_splits(base: Any) -> dict[str, Any]:
     return {name: base.map_batches(keep(i), batch_format="numpy") for i, name in enumerate(SPLITS)}
 
 
-def _distributed_stats(train: Any, num_features: int) -> tuple[list[float], list[float]]:
-    """Mean and standard deviation per feature in one distributed pass (sums per block, added up)."""
+def _distributed_stats(train: Any, num_features: int, *, column: str = "x") -> tuple[list[float], list[float]]:
+    """Mean and standard deviation per feature (of ``column``) in one distributed pass (sums per block)."""
     def sums(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = batch["x"].astype(np.float64)
+        x = batch[column].astype(np.float64).reshape(len(batch[column]), -1)  # (B, F); a target (B,) -> (B, 1)
         return {"n": np.array([len(x)]), "s": x.sum(axis=0)[None], "ss": (x * x).sum(axis=0)[None]}
 
     n, s, ss = 0, np.zeros(num_features), np.zeros(num_features)
@@ -204,7 +214,53 @@ def file_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _files(cfg: DataConfig, seed: int) -> PreparedData:
+def _check_columns(raw: Any, cfg: DataConfig, task: str) -> list[str]:
+    """The feature columns; a :class:`DataError` naming the column unless features and label fit the task."""
+    import pyarrow as pa
+
+    label = cfg.label_column
+    columns = raw.columns()
+    if label not in columns:
+        raise DataError(f"data.label_column {label!r} is not a column of {cfg.source!r}; columns: {columns}")
+    types = dict(zip(raw.schema().names, raw.schema().types, strict=True))
+
+    def numeric(kind: Any) -> bool:
+        return isinstance(kind, pa.DataType) and (pa.types.is_integer(kind) or pa.types.is_floating(kind)
+                                                  or pa.types.is_boolean(kind))
+
+    features = [c for c in columns if c != label]
+    text = [c for c in features if not numeric(types.get(c))]
+    if text:
+        raise DataError(f"data.source {cfg.source!r}: feature column(s) {text[:5]} are not numeric "
+                        f"({types.get(text[0])}); every column but data.label_column is a float32 feature")
+    if not numeric(types.get(label)):
+        expected = "whole-number class ids 0..K-1" if task == "classification" else "a numeric regression target"
+        raise DataError(f"data.label_column {label!r} of {cfg.source!r} holds {types.get(label)} values; "
+                        f"task {task!r} needs {expected}")
+    return features
+
+
+def _class_count(raw: Any, cfg: DataConfig) -> int:
+    """K from the labels: whole numbers in 0..K-1 (K = data.num_classes, or the largest label + 1)."""
+    label = cfg.label_column
+    assert label is not None  # DataConfig requires it for a file source
+    low, high = float(cast(float, raw.min(label))), float(cast(float, raw.max(label)))
+
+    def fractional(batch: pd.DataFrame) -> pd.DataFrame:
+        values = batch[label].to_numpy(dtype=np.float64)
+        return pd.DataFrame({"bad": [int((values != np.floor(values)).sum())]})
+
+    bad = int(raw.map_batches(fractional, batch_format="pandas").sum("bad") or 0)
+    limit = cfg.num_classes
+    if low < 0 or bad or (limit is not None and high > limit - 1):
+        where = f"0..{limit - 1}" if limit is not None else "0..K-1 (whole numbers)"
+        found = f"{bad} non-integer value(s)" if bad else f"values from {low:g} to {high:g}"
+        raise DataError(f"data.label_column {label!r} of {cfg.source!r} has {found}; classification labels must "
+                        f"be class ids in {where}. Map the labels to ids first, or set task: regression")
+    return limit if limit is not None else int(high) + 1
+
+
+def _files(cfg: DataConfig, seed: int, task: str) -> PreparedData:
     import ray.data
 
     path = Path(cfg.source).expanduser()
@@ -218,24 +274,22 @@ def _files(cfg: DataConfig, seed: int) -> PreparedData:
         raw = ray.data.read_csv(str(path))
     else:
         raise DataError(f"data.source {cfg.source!r}: expected .csv or .parquet files, found {sorted(kinds)}")
-    columns = raw.columns()
     label = cfg.label_column
-    if label not in columns:
-        raise DataError(f"data.label_column {label!r} is not a column of {cfg.source!r}; columns: {columns}")
-    features = [c for c in columns if c != label]
-    # labels are class indices 0..K-1; max() of one column is a scalar, not the per-column dict
-    num_classes = int(cast(float, raw.max(label))) + 1
+    features = _check_columns(raw, cfg, task)
+    regression = task == "regression"
+    num_classes = 0 if regression else _class_count(raw, cfg)
 
     def pack(batch: pd.DataFrame) -> dict[str, np.ndarray]:
         x = batch[features].to_numpy(dtype=np.float32)
         return {
             "x": x,
-            "y": batch[label].to_numpy(dtype=np.int64),
+            "y": batch[label].to_numpy(dtype=np.float32 if regression else np.int64),
             "split": _split_ids(_hash_uniform(_row_keys(x), seed), cfg.val_fraction, cfg.test_fraction),
         }
 
     datasets = _filter_splits(raw.map_batches(pack, batch_format="pandas"))
     mean, std = _distributed_stats(datasets["train"], len(features))
+    target_mean, target_std = _distributed_stats(datasets["train"], 1, column="y") if regression else ([], [])
     spec = DatasetSpec(
         name=path.name,
         feature_names=features,
@@ -244,26 +298,32 @@ def _files(cfg: DataConfig, seed: int) -> PreparedData:
         std=std,
         fingerprint=file_fingerprint(path),
         class_names=[str(c) for c in range(num_classes)],
+        task=task,
+        target_mean=target_mean,
+        target_std=target_std,
     )
     return PreparedData(spec=spec, datasets=datasets)
 
 
-def prepare(cfg: DataConfig, *, seed: int) -> PreparedData:
+def prepare(cfg: DataConfig, *, seed: int, task: str = "classification") -> PreparedData:
     """Build the three splits and the dataset spec for a config. Needs a connected Ray session."""
+    if task != "classification" and cfg.source in ("digits", "breast_cancer", "synthetic"):
+        raise DataError(f"data.source {cfg.source!r} is a classification dataset; task {task!r} needs a file")
     if cfg.source in ("digits", "breast_cancer"):
         prepared = _from_memory(cfg, seed)
     elif cfg.source == "synthetic":
         prepared = _synthetic(cfg, seed)
     else:
-        prepared = _files(cfg, seed)
+        prepared = _files(cfg, seed, task)
     if cfg.cache:
         prepared = PreparedData(spec=prepared.spec,
                                 datasets={name: ds.materialize() for name, ds in prepared.datasets.items()})
     logger.info(
-        "Prepared %s: %d features, %d classes, splits %s, fingerprint %s",
+        "Prepared %s for %s: %d features, %d outputs, splits %s, fingerprint %s",
         prepared.spec.name,
+        task,
         prepared.spec.num_features,
-        prepared.spec.num_classes,
+        prepared.spec.num_outputs,
         prepared.spec.sizes or "(streamed)",
         prepared.spec.fingerprint[:12],
     )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -20,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mlray.models import Classifier, ModelSpec, build
+from mlray.models import ModelSpec, StandardizedModel, build
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,14 @@ class LoopConfig:
     run_id: str | None = None
     precision: str = "fp32"
     cpus_per_worker: float = 1.0
+    loss: str = "cross_entropy"
+    target_mean: list[float] | None = None  # regression: the training split's target statistics
+    target_std: list[float] | None = None
+    code_root: str | None = None  # where the driver imported model.factory from; appended to sys.path
+
+    @property
+    def task(self) -> str:
+        return str(self.model.get("task", "classification"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,18 +60,30 @@ class LoopConfig:
 
 @dataclass
 class EpochStats:
-    """Sums over one pass; added up across workers before they become metrics."""
+    """Sums over one pass; added up across workers before they become metrics.
+
+    Classification counts correct rows; regression sums squared and absolute errors and the targets' first
+    two moments (for R^2), over every target value.
+    """
 
     loss_sum: float = 0.0
     correct: int = 0
     count: int = 0
+    sq_err: float = 0.0
+    abs_err: float = 0.0
+    y_sum: float = 0.0
+    y_sq: float = 0.0
 
-    def all_reduce(self) -> EpochStats:
+    def all_reduce(self, device: torch.device | None = None) -> EpochStats:
+        """Sums over every rank. ``device`` is the worker's: NCCL reduces CUDA tensors only (the process group
+        Ray Train builds for GPUs has no CPU backend), so the sums travel on the device the model is on."""
         if not (dist.is_available() and dist.is_initialized()):
             return self
-        packed = torch.tensor([self.loss_sum, float(self.correct), float(self.count)], dtype=torch.float64)
+        packed = torch.tensor([self.loss_sum, float(self.correct), float(self.count), self.sq_err, self.abs_err,
+                               self.y_sum, self.y_sq], dtype=torch.float64, device=device)
         dist.all_reduce(packed)
-        return EpochStats(float(packed[0]), int(packed[1]), int(packed[2]))
+        values = packed.tolist()
+        return EpochStats(values[0], int(values[1]), int(values[2]), *values[3:])
 
     @property
     def loss(self) -> float:
@@ -71,11 +93,51 @@ class EpochStats:
     def accuracy(self) -> float:
         return self.correct / max(self.count, 1)
 
+    def metrics(self, task: str) -> dict[str, float]:
+        """The split's metrics by name (to be prefixed train_/val_/test_)."""
+        if task == "classification":
+            return {"loss": self.loss, "accuracy": self.accuracy}
+        n = max(self.count, 1)
+        total = self.y_sq - self.y_sum * self.y_sum / n  # sum of squares around the mean
+        return {"loss": self.loss, "rmse": math.sqrt(self.sq_err / n), "mae": self.abs_err / n,
+                "r2": 1.0 - self.sq_err / total if total > 0 else 0.0}
 
-def unwrap(model: nn.Module) -> Classifier:
+    def add(self, loss_sum: float, out: torch.Tensor, y: torch.Tensor, task: str) -> None:
+        """One batch: ``out`` (B, K) logits or values, ``y`` (B,) classes or targets."""
+        self.loss_sum += loss_sum
+        if task == "classification":
+            self.correct += int((out.argmax(dim=1) == y).sum())
+            self.count += len(y)
+            return
+        pred, target = out.detach().float(), y.view(len(y), -1).float()  # (B, T)
+        err = pred - target
+        self.sq_err += float((err * err).sum())
+        self.abs_err += float(err.abs().sum())
+        self.y_sum += float(target.sum())
+        self.y_sq += float((target * target).sum())
+        self.count += target.numel()
+
+
+def unwrap(model: nn.Module) -> StandardizedModel:
     inner = getattr(model, "module", model)  # DDP keeps the model in .module
-    assert isinstance(inner, Classifier)
+    assert isinstance(inner, StandardizedModel)
     return inner
+
+
+_LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss, "l1": nn.L1Loss, "huber": nn.HuberLoss}
+
+
+def batch_loss(model: nn.Module, out: torch.Tensor, y: torch.Tensor, *, task: str, loss: str,
+               reduction: str = "mean") -> torch.Tensor:
+    """The training objective. Regression compares in standardised target units, so that the loss (and
+    Huber's delta) mean the same on any target scale; metrics stay in the target's own units."""
+    loss_fn = _LOSSES[loss](reduction=reduction)
+    if task == "classification":
+        return loss_fn(out.float(), y)  # (B, K) logits, (B,) classes
+    scale = unwrap(model).target
+    assert scale is not None  # a regression model has target statistics
+    target = y.view(len(y), -1).float()  # (B,) -> (B, T)
+    return loss_fn((out.float() - scale.mean) / scale.std, (target - scale.mean) / scale.std)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -93,7 +155,8 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
 
 def train_epoch(
     model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    *, precision: str = "fp32", scaler: torch.amp.GradScaler | None = None,
+    *, precision: str = "fp32", scaler: torch.amp.GradScaler | None = None, task: str = "classification",
+    loss: str = "cross_entropy",
 ) -> EpochStats:
     """One pass over the worker's shard. Gradients are averaged across workers by DDP in backward().
 
@@ -101,51 +164,93 @@ def train_epoch(
     """
     model.train()
     stats = EpochStats()
-    loss_fn = nn.CrossEntropyLoss()
     device = next(model.parameters()).device
     scaler = scaler or grad_scaler(device, precision)
-    for x, y in batches:  # x: (B, F) float32, y: (B,) int64
+    for x, y in batches:  # x: (B, F) float32, y: (B,) int64 classes or float32 targets
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, precision):
-            logits = model(x)  # (B, K)
-            loss = loss_fn(logits.float(), y)
-        scaler.scale(loss).backward()
+            out = model(x)  # (B, K)
+            value = batch_loss(model, out, y, task=task, loss=loss)
+        scaler.scale(value).backward()
         scaler.step(optimizer)
         scaler.update()
-        stats.loss_sum += float(loss.detach()) * len(y)
-        stats.correct += int((logits.argmax(dim=1) == y).sum())
-        stats.count += len(y)
+        stats.add(float(value.detach()) * len(y), out, y, task)
     return stats
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, num_classes: int | None = None
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, num_classes: int | None = None,
+    task: str = "classification", loss: str = "cross_entropy",
 ) -> tuple[EpochStats, torch.Tensor | None]:
-    """Loss and accuracy over a shard, and a (K, K) confusion matrix (rows: truth) when asked."""
+    """Loss and metrics over a shard, and a (K, K) confusion matrix (rows: truth) when asked.
+
+    The confusion matrix stays on the batches' device, so it can be all-reduced there.
+    """
     net = unwrap(model)  # evaluation needs no gradient sync, so skip DDP's wrapper
     net.eval()
     stats = EpochStats()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64) if num_classes else None
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    confusion = None
     for x, y in batches:
-        logits = net(x)
-        pred = logits.argmax(dim=1)
-        stats.loss_sum += float(loss_fn(logits, y))
-        stats.correct += int((pred == y).sum())
-        stats.count += len(y)
-        if confusion is not None:
-            assert num_classes is not None  # confusion exists only when num_classes was given
-            confusion += torch.bincount(y * num_classes + pred, minlength=num_classes**2).view(
-                num_classes, num_classes
-            ).cpu()
+        out = net(x)
+        stats.add(float(batch_loss(net, out, y, task=task, loss=loss, reduction="sum")), out, y, task)
+        if num_classes and task == "classification":
+            counts = torch.bincount(y * num_classes + out.argmax(dim=1), minlength=num_classes**2)
+            confusion = counts.view(num_classes, num_classes) + (0 if confusion is None else confusion)
+    if num_classes and task == "classification" and confusion is None:
+        confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=_device_of(net))
     return stats, confusion
 
 
-def new_training_state(cfg: LoopConfig) -> tuple[Classifier, torch.optim.Optimizer, Any]:
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def epoch_pass(
+    model: nn.Module, optimizer: torch.optim.Optimizer, train_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    val_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, task: str, loss: str, precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[dict[str, float], int, float]:
+    """Train on the shard, evaluate on validation, sum both over every rank (on the model's device).
+
+    Returns the metrics (train_*, val_*), the rows trained on by all ranks and the training pass's seconds.
+    """
+    device = _device_of(model)
+    started = time.perf_counter()
+    train_stats = train_epoch(model, optimizer, train_batches, precision=precision, scaler=scaler, task=task,
+                              loss=loss).all_reduce(device)
+    seconds = time.perf_counter() - started  # the training pass, data loading included
+    val_stats, _ = evaluate(model, val_batches, task=task, loss=loss)
+    val_stats = val_stats.all_reduce(device)
+    metrics = {f"train_{k}": v for k, v in train_stats.metrics(task).items() if k in ("loss", "accuracy", "rmse")}
+    metrics.update({f"val_{k}": v for k, v in val_stats.metrics(task).items()})
+    per_row = 1 if task == "classification" else unwrap(model).spec.num_outputs  # regression counts values
+    rows = train_stats.count // max(1, per_row)
+    return metrics, rows, seconds
+
+
+def evaluate_test_split(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, task: str,
+                        loss: str, num_classes: int | None) -> dict[str, Any]:
+    """Test metrics summed over every rank, and for classification the (K, K) confusion matrix as lists."""
+    device = _device_of(model)
+    stats, confusion = evaluate(model, batches, num_classes=num_classes, task=task, loss=loss)
+    stats = stats.all_reduce(device)
+    out: dict[str, Any] = {f"test_{k}": v for k, v in stats.metrics(task).items()}
+    out["test_count"] = stats.count
+    if confusion is not None:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(confusion)  # on the model's device, as NCCL needs
+        out["confusion"] = confusion.cpu().tolist()
+    return out
+
+
+def new_training_state(cfg: LoopConfig) -> tuple[StandardizedModel, torch.optim.Optimizer, Any]:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank, and on every rerun
     model = build(ModelSpec.from_dict(cfg.model))
     model.standardize.fit(cfg.mean, cfg.std)
+    if model.target is not None:
+        assert cfg.target_mean is not None and cfg.target_std is not None  # set by the driver for regression
+        model.target.fit(cfg.target_mean, cfg.target_std)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     return model, optimizer, scheduler
@@ -179,8 +284,8 @@ def load_state(folder: Path) -> dict[str, Any]:
 FETCH_ROWS = 4096  # rows pulled from Ray Data at a time, then cut into minibatches in torch
 
 
-def _batches(shard: Any, *, batch_size: int, device: torch.device, shuffle_seed: int | None = None
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(shard: Any, *, batch_size: int, device: torch.device, shuffle_seed: int | None = None,
+             label_dtype: torch.dtype = torch.int64) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Minibatches from a Ray Data shard.
 
     Ray Data's per-batch cost is fixed, so rows are fetched in large blocks and cut into minibatches with
@@ -196,7 +301,7 @@ def _batches(shard: Any, *, batch_size: int, device: torch.device, shuffle_seed:
         shuffle = {"local_shuffle_buffer_size": fetch * 2, "local_shuffle_seed": shuffle_seed}
         generator = torch.Generator().manual_seed(shuffle_seed)
     for block in shard.iter_torch_batches(
-        batch_size=fetch, dtypes={"x": torch.float32, "y": torch.int64}, device=device, **shuffle
+        batch_size=fetch, dtypes={"x": torch.float32, "y": label_dtype}, device=device, **shuffle
     ):
         x, y = block["x"], block["y"]  # (fetch, F), (fetch,)
         if generator is not None:
@@ -226,12 +331,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from mlray.tracking import EpochLogger
 
     cfg = LoopConfig(**config)
+    if cfg.code_root and cfg.code_root not in sys.path and Path(cfg.code_root).is_dir():
+        # The driver's copy of model.factory's package, for a worker on the same machine that did not get it
+        # from the job's working_dir or an installed package (appended: those come first).
+        sys.path.append(cfg.code_root)
     # One intra-op thread per CPU the worker was given: more threads than cores oversubscribes the node.
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
-    model: nn.Module  # a Classifier, then DDP-wrapped by prepare_model below
+    model: nn.Module  # a StandardizedModel, then DDP-wrapped by prepare_model below
     model, optimizer, scheduler = new_training_state(cfg)
     scaler = grad_scaler(device, cfg.precision)
     start_epoch, history = 0, []
@@ -249,32 +358,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         start_epoch, history = state["epoch"] + 1, list(state["history"])
         logger.info("Rank %d resuming from the checkpoint of epoch %d", rank, state["epoch"])
 
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model)  # moves it to `device`, then DDP
     epoch_logger = EpochLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 and cfg.run_id else None
     if epoch_logger is not None:
         epoch_logger.record_attempt(start_epoch)
         epoch_logger.sync(history)  # fill in epochs a failed attempt checkpointed but did not log
 
+    task, label_dtype = cfg.task, torch.int64 if cfg.task == "classification" else torch.float32
     shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val", "test")}
     for epoch in range(start_epoch, cfg.epochs):
-        started = time.perf_counter()
-        train_stats = train_epoch(
-            model, optimizer, _batches(shards["train"], batch_size=cfg.batch_size, device=device,
-                                       shuffle_seed=cfg.seed * 1000 + epoch),
-            precision=cfg.precision, scaler=scaler,
-        ).all_reduce()
-        train_seconds = time.perf_counter() - started  # the training pass, data loading included
-        val_stats, _ = evaluate(model, _batches(shards["val"], batch_size=1024, device=device))
-        val_stats = val_stats.all_reduce()
+        train_batches = _batches(shards["train"], batch_size=cfg.batch_size, device=device,
+                                 shuffle_seed=cfg.seed * 1000 + epoch, label_dtype=label_dtype)
+        val_batches = _batches(shards["val"], batch_size=1024, device=device, label_dtype=label_dtype)
+        measured, rows, train_seconds = epoch_pass(model, optimizer, train_batches, val_batches, task=task,
+                                                   loss=cfg.loss, precision=cfg.precision, scaler=scaler)
         metrics = {
             "epoch": epoch,
-            "train_loss": train_stats.loss,
-            "train_accuracy": train_stats.accuracy,
-            "val_loss": val_stats.loss,
-            "val_accuracy": val_stats.accuracy,
+            **measured,
             "lr": scheduler.get_last_lr()[0],
             "epoch_seconds": train_seconds,
-            "samples_per_second": train_stats.count / max(train_seconds, 1e-9),
+            "samples_per_second": rows / max(train_seconds, 1e-9),
         }
         scheduler.step()
         history.append(metrics)
@@ -290,18 +393,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             # re-run after a failure keeps the value its first run logged (one value per epoch).
             epoch_logger.log_epoch(metrics)
 
-    num_classes = ModelSpec.from_dict(cfg.model).num_classes
-    test_stats, confusion = evaluate(model, _batches(shards["test"], batch_size=1024, device=device),
-                                     num_classes=num_classes)
-    test_stats = test_stats.all_reduce()
-    assert confusion is not None
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(confusion)
-    return {
-        "worker_nodes": _gather_node_ids(),
-        "test_loss": test_stats.loss,
-        "test_accuracy": test_stats.accuracy,
-        "test_count": test_stats.count,
-        "confusion": confusion.tolist(),
-        "history": history,
-    }
+    spec = ModelSpec.from_dict(cfg.model)
+    tested = evaluate_test_split(
+        model, _batches(shards["test"], batch_size=1024, device=device, label_dtype=label_dtype), task=task,
+        loss=cfg.loss, num_classes=spec.num_outputs if task == "classification" else None)
+    return {"worker_nodes": _gather_node_ids(), **tested, "history": history}

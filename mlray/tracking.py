@@ -23,7 +23,10 @@ from mlray import __version__, settings
 logger = logging.getLogger(__name__)
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
-                 "samples_per_second")
+                 "samples_per_second")  # classification; regression's are REGRESSION_EPOCH_METRICS
+REGRESSION_EPOCH_METRICS = ("train_loss", "train_rmse", "val_loss", "val_rmse", "val_mae", "val_r2", "lr",
+                            "epoch_seconds", "samples_per_second")
+_LOGGED = tuple(dict.fromkeys(EPOCH_METRICS + REGRESSION_EPOCH_METRICS))
 ATTEMPTS_TAG = "mlray.attempts"  # JSON list: the first epoch of each training attempt
 
 
@@ -140,7 +143,7 @@ class EpochLogger:
         if step in self._have:
             return False
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(metrics[key]), now, step) for key in EPOCH_METRICS if key in metrics]
+        batch = [Metric(key, float(metrics[key]), now, step) for key in _LOGGED if key in metrics]
         self._client.log_batch(self._run_id, metrics=batch)
         self._have.add(step)
         return True
@@ -169,8 +172,9 @@ def learning_curve_png(history: list[dict[str, float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [int(h["epoch"]) for h in history]
+    score = "accuracy" if "val_accuracy" in history[0] else "rmse"
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, axis in (("loss", left), ("accuracy", right)):
+    for key, axis in (("loss", left), (score, right)):
         axis.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
         axis.plot(epochs, [h[f"val_{key}"] for h in history], label="validation")
         axis.set_xlabel("epoch")
@@ -202,17 +206,18 @@ def confusion_png(confusion: list[list[int]], class_names: list[str], path: Path
     plt.close(fig)
 
 
-def log_report_artifacts(run_id: str, *, history: list[dict[str, float]], confusion: list[list[int]],
+def log_report_artifacts(run_id: str, *, history: list[dict[str, float]], confusion: list[list[int]] | None,
                          class_names: list[str], tracking_uri: str | None = None) -> None:
-    """The learning curve and confusion matrix as PNGs, with their numbers as JSON beside them."""
+    """The learning curve and (classification) the confusion matrix as PNGs, with their numbers as JSON."""
     import json
 
     mlflow_client = client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         learning_curve_png(history, folder / "learning_curve.png")
-        confusion_png(confusion, class_names, folder / "confusion_matrix.png")
-        (folder / "confusion_matrix.json").write_text(json.dumps({"classes": class_names, "matrix": confusion}))
+        if confusion is not None:
+            confusion_png(confusion, class_names, folder / "confusion_matrix.png")
+            (folder / "confusion_matrix.json").write_text(json.dumps({"classes": class_names, "matrix": confusion}))
         (folder / "history.json").write_text(json.dumps(history))
         mlflow_client.log_artifacts(run_id, str(folder), artifact_path="report")
 
@@ -221,7 +226,9 @@ def log_model(run_id: str, model_dir: Path, *, feature_names: list[str], example
               tracking_uri: str | None = None) -> str:
     """Log the mlray model folder as an MLflow pyfunc model (models-from-code, nothing pickled).
 
-    Returns the logged model's URI (``models:/m-...``).
+    A user factory's source is inside the folder (``code/``, see :mod:`mlray.artifact`), which the pyfunc's
+    loader puts on sys.path: MLflow's ``code_paths`` is not needed for it. Returns the logged model's URI
+    (``models:/m-...``).
     """
     import mlflow
     import numpy as np
@@ -229,11 +236,12 @@ def log_model(run_id: str, model_dir: Path, *, feature_names: list[str], example
     import torch
     from mlflow.models import infer_signature
 
-    from mlray.artifact import ARTIFACT_KEY, load_model_dir
+    from mlray.artifact import ARTIFACT_KEY, load_model_dir, pyfunc_output
 
     mlflow.set_tracking_uri(tracking_uri or settings.tracking_uri())
     frame = pd.DataFrame(np.asarray(example, dtype=np.float64), columns=feature_names)
-    probabilities = load_model_dir(model_dir).predict_proba(frame.to_numpy())
+    loaded = load_model_dir(model_dir, device="cpu")
+    outputs = pyfunc_output(loaded, loaded.predict(frame.to_numpy()))
     # Explicit requirements: inferring them took ~8 s per model here, and would list the whole venv.
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "safetensors", f"mlflow=={mlflow.__version__}",
                     "numpy", "pandas"]
@@ -244,7 +252,7 @@ def log_model(run_id: str, model_dir: Path, *, feature_names: list[str], example
             name="model",
             python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
             artifacts={ARTIFACT_KEY: str(model_dir)},
-            signature=infer_signature(frame, probabilities),
+            signature=infer_signature(frame, outputs),
             input_example=frame.head(2),
             pip_requirements=requirements,
         )

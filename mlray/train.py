@@ -22,7 +22,7 @@ from mlray.config import JobConfig
 from mlray.data import prepare
 from mlray.errors import ConfigError, TrainingFailed
 from mlray.loop import LoopConfig, load_state, train_loop_per_worker
-from mlray.models import ModelSpec, build
+from mlray.models import ModelSpec, build, check_model, factory_code
 
 RUN_NAME_TAG = "mlray.train_run_name"  # Ray Train's run name: its checkpoints live under it
 MODEL_URI_TAG = "mlray.model_uri"
@@ -44,6 +44,10 @@ class TrainResult:
     @property
     def test_accuracy(self) -> float:
         return self.metrics["test_accuracy"]
+
+    @property
+    def test_rmse(self) -> float:
+        return self.metrics["test_rmse"]
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -87,8 +91,9 @@ def _trainer(cfg: JobConfig, loop_cfg: LoopConfig, datasets: dict[str, Any], run
 class _EpochProgress:
     """Reports each epoch as it lands in MLflow, from a background thread, while ``fit()`` blocks."""
 
-    def __init__(self, run_id: str, epochs: int, progress: Callable[[str], None]) -> None:
-        self._run_id, self._epochs, self._progress = run_id, epochs, progress
+    def __init__(self, run_id: str, epochs: int, progress: Callable[[str], None], metric: str = "val_accuracy"
+                 ) -> None:
+        self._run_id, self._epochs, self._progress, self._metric = run_id, epochs, progress, metric
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="mlray-epoch-progress", daemon=True)
 
@@ -105,11 +110,11 @@ class _EpochProgress:
         shown = -1
         while not self._stop.wait(1.0):
             try:
-                history = {m.step: m.value for m in mlflow_client.get_metric_history(self._run_id, "val_accuracy")}
+                history = {m.step: m.value for m in mlflow_client.get_metric_history(self._run_id, self._metric)}
             except Exception:  # noqa: BLE001 - progress is best effort; training goes on regardless
                 continue
             for step in sorted(s for s in history if s > shown):
-                self._progress(f"epoch {step + 1}/{self._epochs}: val_accuracy {history[step]:.4f}")
+                self._progress(f"epoch {step + 1}/{self._epochs}: {self._metric} {history[step]:.4f}")
                 shown = step
 
 
@@ -120,11 +125,13 @@ class _Prepared:
 
 
 def _prepare(cfg: JobConfig) -> _Prepared:
-    prepared = prepare(cfg.data, seed=cfg.seed)
+    """Data and model spec, checked on the driver before any run or worker exists: the labels fit the task,
+    and the factory imports, takes its arguments and maps a (2, F) batch to (2, K)."""
+    prepared = prepare(cfg.data, seed=cfg.seed, task=cfg.task)
     spec = prepared.spec
-    model_spec = ModelSpec(arch=cfg.model.arch, num_features=spec.num_features, num_classes=spec.num_classes,
-                           hidden=cfg.model.hidden, dropout=cfg.model.dropout)
-    build(model_spec)  # fail on a bad architecture before anything is recorded
+    model_spec = ModelSpec(factory=cfg.model.factory_path, num_features=spec.num_features,
+                           num_outputs=spec.num_outputs, kwargs=cfg.model.factory_kwargs, task=cfg.task)
+    check_model(model_spec)
     return _Prepared(data=prepared, model_spec=model_spec)
 
 
@@ -178,15 +185,19 @@ def _fit(cfg: JobConfig, prepared: _Prepared, run_id: str, *, progress: Callable
          callbacks: list[Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run data-parallel training; returns rank 0's final values and the last checkpoint's state."""
     spec = prepared.data.spec
+    code = factory_code(prepared.model_spec.factory)
     loop_cfg = LoopConfig(
         model=prepared.model_spec.to_dict(), mean=spec.mean, std=spec.std, epochs=cfg.train.epochs,
         batch_size=cfg.train.batch_size, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, seed=cfg.seed,
         tracking_uri=settings.tracking_uri(), run_id=run_id, precision=cfg.train.precision,
-        cpus_per_worker=(cfg.train.resources_per_worker or {}).get("CPU", 1.0),
+        cpus_per_worker=(cfg.train.resources_per_worker or {}).get("CPU", 1.0), loss=cfg.loss,
+        target_mean=spec.target_mean or None, target_std=spec.target_std or None,
+        code_root=str(code.root) if code else None,
     )
     run_name = tracking.client().get_run(run_id).data.tags[RUN_NAME_TAG]
     trainer = _trainer(cfg, loop_cfg, prepared.data.datasets, run_name=run_name, callbacks=callbacks)
-    with _EpochProgress(run_id, cfg.train.epochs, progress) if progress else contextlib.nullcontext():
+    watched = "val_accuracy" if cfg.task == "classification" else "val_rmse"
+    with _EpochProgress(run_id, cfg.train.epochs, progress, watched) if progress else contextlib.nullcontext():
         result = trainer.fit()
     if result.error is not None or result.checkpoint is None or result.return_value is None:
         raise TrainingFailed(f"training of {cfg.name!r} failed: {result.error}")
@@ -204,8 +215,9 @@ def _record_results(run_id: str, prepared: _Prepared, final: dict[str, Any], sta
 
     spec = prepared.data.spec
     history = final["history"]
-    metrics = {"test_accuracy": float(final["test_accuracy"]), "test_loss": float(final["test_loss"])}
-    metrics.update({f"final_{k}": float(history[-1][k]) for k in ("train_accuracy", "val_accuracy", "val_loss")})
+    metrics = {key: float(value) for key, value in final.items() if key.startswith("test_") and key != "test_count"}
+    metrics.update({f"final_{k}": float(v) for k, v in history[-1].items()
+                    if k.startswith("val_") or k in ("train_accuracy", "train_rmse")})
     mlflow_client = tracking.client()
     for key, score in metrics.items():
         mlflow_client.log_metric(run_id, key, score)
@@ -213,7 +225,7 @@ def _record_results(run_id: str, prepared: _Prepared, final: dict[str, Any], sta
 
     model = build(prepared.model_spec)
     model.load_state_dict(state["model"])
-    tracking.log_report_artifacts(run_id, history=history, confusion=final["confusion"],
+    tracking.log_report_artifacts(run_id, history=history, confusion=final.get("confusion"),
                                   class_names=spec.class_names)
     with tempfile.TemporaryDirectory() as tmp:
         model_folder = Path(tmp) / ARTIFACT_KEY  # MLflow names the artifact after the folder

@@ -23,7 +23,7 @@ import numpy as np
 
 import mlray
 from mlray.errors import InvalidInput, NotFound
-from mlray.serving import oip
+from mlray.serving import oip, outputs
 from mlray.serving.admission import Admission
 from mlray.serving.batching import MicroBatcher
 from mlray.serving.config import ServeAppConfig
@@ -113,7 +113,7 @@ class PredictionCore:
         for indices in groups.values():
             served = calls[indices[0]][0]
             arrays = [calls[i][1] for i in indices]
-            probabilities = served.loaded.predict_proba(np.concatenate(arrays))  # (sum N, K)
+            probabilities = served.loaded.predict(np.concatenate(arrays))  # (sum N, K)
             self._observe_batch(len(probabilities), served)
             for i, part in zip(indices, np.split(probabilities, np.cumsum([len(a) for a in arrays])[:-1]),
                                strict=True):
@@ -125,7 +125,7 @@ class PredictionCore:
         if batching.enabled and len(x) < batching.max_batch_size:
             return await self._batcher.submit((served, x))
         self._observe_batch(len(x), served)
-        return served.loaded.predict_proba(x)  # a request this large is a batch already
+        return served.loaded.predict(x)  # a request this large is a batch already
 
     async def predict(self, call: Call) -> Answer:
         """A prediction route: its protocol parses the body into (N, F) and writes the answer."""
@@ -166,13 +166,16 @@ class PredictionCore:
         except Exception as err:  # noqa: BLE001 - a failing shadow never affects clients; it is counted
             logger.warning("Shadow prediction by version %s failed: %s", challenger.info.version, err)
             return
-        agree = bool((shadow.argmax(1) == answered.argmax(1)).all())
-        self.versions.record_shadow({
+        agree = outputs.agree(answered, shadow, champion.loaded)
+        record = {
             "time": time.time(), "rows": len(x), "champion_version": champion.info.version,
             "challenger_version": challenger.info.version, "agree": agree,
-            "champion_labels": answered.argmax(1).tolist()[:16], "challenger_labels": shadow.argmax(1).tolist()[:16],
             "max_abs_diff": float(np.abs(shadow - answered).max()),
-        })
+        }
+        if champion.loaded.task == "classification":
+            record.update(champion_labels=answered.argmax(1).tolist()[:16],
+                          challenger_labels=shadow.argmax(1).tolist()[:16])
+        self.versions.record_shadow(record)
         if self.metrics is not None:
             self.metrics.shadow.inc(tags={"model": self.cfg.model, "version": str(challenger.info.version),
                                           "agree": str(agree).lower()})
@@ -190,7 +193,8 @@ class PredictionCore:
             "name": info.name, "ready": True, "version": info.version, "alias": served.alias,
             "run_id": info.run_id, "metrics": info.metrics,
             "inputs": {"num_features": loaded.num_features, "feature_names": loaded.feature_names, "dtype": "float32"},
-            "classes": loaded.class_names, "load_seconds": round(served.load_seconds, 3),
+            "classes": loaded.class_names, "task": loaded.task, "device": str(loaded.device),
+            "load_seconds": round(served.load_seconds, 3),
             "versions": {role: m.info.version for role, m in self.versions.models.items()},
             "failures": self.versions.failures,
         }
@@ -216,8 +220,8 @@ class PredictionCore:
         self.check_name(name)
         served = self.champion
         return oip.model_metadata(name=name, version=str(served.info.version),
-                                  num_features=served.loaded.num_features,
-                                  class_names=served.loaded.class_names), {}
+                                  num_features=served.loaded.num_features, class_names=served.loaded.class_names,
+                                  outputs=outputs.v2_output_metadata(served.loaded)), {}
 
     async def model_ready_v2(self, call: Call) -> Answer:
         name = call.params["name"]
@@ -231,4 +235,4 @@ class PredictionCore:
     def check_health(self) -> None:
         """A champion that cannot answer raises (Serve then restarts the replica)."""
         loaded = self.champion.loaded
-        loaded.predict_proba(np.zeros((1, loaded.num_features), dtype=np.float32))
+        loaded.predict(np.zeros((1, loaded.num_features), dtype=np.float32))

@@ -63,7 +63,8 @@ def split_body(body: bytes, header_length: str | None, *, max_bytes: int) -> tup
     return parse_json(body[:length], max_bytes=max_bytes), body[length:]
 
 
-def parse_infer(payload: Any, *, num_features: int, max_rows: int, binary: bytes = b"") -> Request:
+def parse_infer(payload: Any, *, num_features: int, max_rows: int, binary: bytes = b"",
+                output_names: tuple[str, ...] = OUTPUTS) -> Request:
     """The body of ``POST /v2/models/{name}/infer``, with exactly one input tensor of shape [N, F] or [F].
 
     ``data`` may be flat (row-major, as the spec's own example) or nested rows, or absent with the tensor's
@@ -88,7 +89,7 @@ def parse_infer(payload: Any, *, num_features: int, max_rows: int, binary: bytes
     all_binary = params.get("binary_data_output", False)
     if not isinstance(all_binary, bool):
         raise InvalidInput(f"'parameters.binary_data_output' must be true or false, got {_describe(all_binary)}")
-    outputs, binary_outputs = _requested_outputs(payload.get("outputs"), all_binary=all_binary)
+    outputs, binary_outputs = _requested_outputs(payload.get("outputs"), all_binary=all_binary, names=output_names)
     return Request(id=request_id, x=x, outputs=outputs, binary=binary_outputs)
 
 
@@ -195,22 +196,24 @@ def _nested_mismatch(data: list[Any], *, field: str, shape: list[int]) -> str:
     return f"'{field}' has {len(data)} rows; the shape {shape} says {shape[0]}"
 
 
-def _requested_outputs(outputs: Any, *, all_binary: bool) -> tuple[list[str] | None, frozenset[str]]:
+def _requested_outputs(outputs: Any, *, all_binary: bool, names: tuple[str, ...] = OUTPUTS
+                       ) -> tuple[list[str] | None, frozenset[str]]:
+    known = names
     if outputs is None or outputs == []:
         # the spec: not given means every output, with default settings
-        return None, frozenset(OUTPUTS) if all_binary else frozenset()
+        return None, frozenset(known) if all_binary else frozenset()
     if not isinstance(outputs, list):
         raise InvalidInput(f"'outputs' must be a list of {{\"name\": ...}} objects, got {_describe(outputs)}")
-    names: list[str] = []
+    asked: list[str] = []
     binary: set[str] = set()
     for i, item in enumerate(outputs):
         if not isinstance(item, dict):
             raise InvalidInput(f"'outputs[{i}]' must be an object with a 'name', got {_describe(item)}")
         params = _parameters(item, "parameters", where=f"outputs[{i}].")
         name = item.get("name")
-        if name not in OUTPUTS:
-            raise InvalidInput(f"'outputs[{i}].name' is {_describe(name)}; this model's outputs are {list(OUTPUTS)}")
-        if name in names:
+        if name not in known:
+            raise InvalidInput(f"'outputs[{i}].name' is {_describe(name)}; this model's outputs are {list(known)}")
+        if name in asked:
             raise InvalidInput(f"'outputs[{i}].name' {name!r} is requested twice")
         as_binary = params.get("binary_data", all_binary)
         if not isinstance(as_binary, bool):
@@ -218,39 +221,44 @@ def _requested_outputs(outputs: Any, *, all_binary: bool) -> tuple[list[str] | N
                                f"got {_describe(as_binary)}")
         if as_binary:
             binary.add(name)
-        names.append(name)
-    return names, frozenset(binary)
+        asked.append(name)
+    return asked, frozenset(binary)
 
 
 def infer_response(probabilities: np.ndarray, class_names: list[str], *, model_name: str, model_version: str,
                    request: Request) -> tuple[dict[str, Any], bytes]:
-    """(JSON response object, raw bytes of the outputs asked for as binary, in output order) for (N, K) class
-    probabilities; the bytes are empty when every output is in the JSON (see :func:`binary_body`)."""
+    """:func:`tensors_response` for (N, K) class probabilities: ``probabilities`` and ``label`` outputs."""
     probs = np.asarray(probabilities, dtype=np.float32)
     if probs.ndim != 2 or probs.shape[1] != len(class_names):
         raise ValueError(f"probabilities of shape {probs.shape} do not fit {len(class_names)} classes")
     n, k = probs.shape
+    labels = [class_names[c] for c in probs.argmax(axis=1).tolist()]
+    return tensors_response({"probabilities": ("FP32", [n, k], probs), "label": ("BYTES", [n], labels)},
+                            model_name=model_name, model_version=model_version, request=request)
+
+
+def tensors_response(tensors: dict[str, tuple[str, list[int], np.ndarray | list[str]]], *, model_name: str,
+                     model_version: str, request: Request) -> tuple[dict[str, Any], bytes]:
+    """(JSON response object, raw bytes of the outputs asked for as binary, in output order) for the model's
+    outputs by name, each (datatype, shape, data); the bytes are empty when every output is in the JSON (see
+    :func:`binary_body`)."""
     body: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request.id is not None:
         body["id"] = request.id  # the spec: the request's id, if any, must come back
-    tensors: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     raw: list[bytes] = []
-    for i, name in enumerate(request.outputs if request.outputs is not None else OUTPUTS):
-        if name == "probabilities":
-            tensor: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": [n, k]}
-            data: Any = probs
-        elif name == "label":
-            tensor = {"name": name, "datatype": "BYTES", "shape": [n]}
-            data = [class_names[c] for c in probs.argmax(axis=1).tolist()]
-        else:
-            raise InvalidInput(f"'outputs[{i}].name' is {_describe(name)}; this model's outputs are {list(OUTPUTS)}")
+    for i, name in enumerate(request.outputs if request.outputs is not None else list(tensors)):
+        if name not in tensors:
+            raise InvalidInput(f"'outputs[{i}].name' is {_describe(name)}; this model's outputs are {list(tensors)}")
+        datatype, shape, data = tensors[name]
+        tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
         if name in request.binary:
             raw.append(_to_bytes(data))
             tensor["parameters"] = {"binary_data_size": len(raw[-1])}
         else:
             tensor["data"] = data.reshape(-1).tolist() if isinstance(data, np.ndarray) else data
-        tensors.append(tensor)
-    body["outputs"] = tensors
+        out.append(tensor)
+    body["outputs"] = out
     return body, b"".join(raw)
 
 
@@ -271,13 +279,16 @@ def _to_bytes(data: np.ndarray | list[str]) -> bytes:
     return b"".join(parts)
 
 
-def model_metadata(*, name: str, version: str, num_features: int, class_names: list[str]) -> dict[str, Any]:
-    """``GET /v2/models/{name}``: variable-size dimensions are -1, as the spec says."""
+def model_metadata(*, name: str, version: str, num_features: int, class_names: list[str],
+                   outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``GET /v2/models/{name}``: variable-size dimensions are -1, as the spec says. ``outputs`` defaults to a
+    classifier's (probabilities and label)."""
     return {
         "name": name, "versions": [str(version)], "platform": PLATFORM,
         "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, num_features]}],
-        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(class_names)]},
-                    {"name": "label", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": outputs if outputs is not None else [
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(class_names)]},
+            {"name": "label", "datatype": "BYTES", "shape": [-1]}],
     }
 
 

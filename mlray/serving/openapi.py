@@ -124,8 +124,19 @@ _PREDICT_ANSWERS = {
 }
 
 
+# A regressor answers numbers: one per row with one target, else a list per row (mlray.serving.outputs).
+_VALUES = {"type": "array", "items": {"anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]}}
+_REGRESSION_ANSWERS = {
+    "v1": {"type": "object", "required": ["predictions", "model_name", "model_version"], "properties": {
+        "predictions": _VALUES, "model_name": _STRING, "model_version": {"type": "integer"}}},
+    "v2": _PREDICT_ANSWERS["v2"],
+    "mlflow": {"type": "object", "required": ["predictions"], "properties": {"predictions": _VALUES}},
+}
+
+
 def _operation(route: Route, *, model: dict[str, Any] | None, max_rows: int, protected: bool) -> dict[str, Any]:
-    answer = _PREDICT_ANSWERS[route.kind] if route.predict is not None else _ANSWERS.get(route.handler, _OK)
+    predict_answers = _REGRESSION_ANSWERS if (model or {}).get("task") == "regression" else _PREDICT_ANSWERS
+    answer = predict_answers[route.kind] if route.predict is not None else _ANSWERS.get(route.handler, _OK)
     ok: dict[str, Any] = {"description": "OK", "content": {"application/json": {"schema": answer}}}
     if route.kind == "v2" and route.predict is not None:
         ok["content"]["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
@@ -149,7 +160,7 @@ def _operation(route: Route, *, model: dict[str, Any] | None, max_rows: int, pro
 
 
 def document(*, model: dict[str, Any] | None, max_rows: int, auth: bool) -> dict[str, Any]:
-    """The OpenAPI 3.1 document; ``model`` (name, num_features, feature_names) makes the bodies exact."""
+    """The OpenAPI 3.1 document; ``model`` (name, num_features, feature_names, task) makes the bodies exact."""
     paths: dict[str, dict[str, Any]] = {}
     for route in routes.ROUTES:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(
@@ -178,7 +189,7 @@ def install(app: FastAPI, *, core: Callable[[], Any], guard: Callable[[], Any]) 
         if served is not None:
             loaded = served.champion.loaded
             model = {"name": served.cfg.model, "num_features": loaded.num_features,
-                     "feature_names": loaded.feature_names}
+                     "feature_names": loaded.feature_names, "task": loaded.task}
             max_rows = served.cfg.max_rows
         return document(model=model, max_rows=max_rows, auth=guard().enabled)
 

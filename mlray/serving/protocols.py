@@ -1,6 +1,7 @@
 """The three prediction protocols as (parse, respond) pairs over the same (N, F) float32 array.
 
-- V1 (KServe V1 / TF-Serving): ``{"instances": [[...], ...]}`` -> probabilities and labels;
+- V1 (KServe V1 / TF-Serving): ``{"instances": [[...], ...]}`` -> probabilities and labels (numbers for a
+  regressor: what each protocol answers per task is :mod:`mlray.serving.outputs`);
 - Open Inference Protocol v2, JSON or with the binary data extension (:mod:`mlray.serving.oip`);
 - MLflow's scoring protocol, JSON, CSV or Parquet (:mod:`mlray.serving.scoring`).
 
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from mlray.artifact import LoadedModel
-from mlray.serving import oip, scoring
+from mlray.serving import oip, outputs, scoring
 from mlray.serving.http import encode
 from mlray.serving.loader import ServedModel
 from mlray.serving.validation import parse_json, parse_v1
@@ -46,21 +47,21 @@ def _parse_v1(body: bytes, headers: Mapping[str, str], model: LoadedModel, limit
     return parse_v1(payload, num_features=model.num_features, max_rows=limits.max_rows), None
 
 
-def _respond_v1(probabilities: np.ndarray, parsed: Any, served: ServedModel, name: str) -> Answer:
-    classes = served.loaded.class_names
-    return {"predictions": probabilities.tolist(), "labels": [classes[i] for i in probabilities.argmax(axis=1)],
+def _respond_v1(outputs_: np.ndarray, parsed: Any, served: ServedModel, name: str) -> Answer:
+    return {**outputs.v1_fields(outputs_, served.loaded),
             "model_name": served.info.name, "model_version": served.info.version}, {}
 
 
 def _parse_v2(body: bytes, headers: Mapping[str, str], model: LoadedModel, limits: Limits) -> tuple[np.ndarray, Any]:
     payload, binary = oip.split_body(body, headers.get(oip.HEADER_LENGTH), max_bytes=limits.max_body_bytes)
-    request = oip.parse_infer(payload, num_features=model.num_features, max_rows=limits.max_rows, binary=binary)
+    request = oip.parse_infer(payload, num_features=model.num_features, max_rows=limits.max_rows, binary=binary,
+                              output_names=tuple(out["name"] for out in outputs.v2_output_metadata(model)))
     return request.x, request
 
 
-def _respond_v2(probabilities: np.ndarray, request: oip.Request, served: ServedModel, name: str) -> Answer:
-    body, raw = oip.infer_response(probabilities, served.loaded.class_names, model_name=name,
-                                   model_version=str(served.info.version), request=request)
+def _respond_v2(outputs_: np.ndarray, request: oip.Request, served: ServedModel, name: str) -> Answer:
+    body, raw = oip.tensors_response(outputs.v2_tensors(outputs_, served.loaded), model_name=name,
+                                     model_version=str(served.info.version), request=request)
     if not raw:
         return body, {}
     return oip.binary_body(encode(body), raw)
@@ -73,8 +74,8 @@ def _parse_mlflow(body: bytes, headers: Mapping[str, str], model: LoadedModel, l
     return x, None
 
 
-def _respond_mlflow(probabilities: np.ndarray, parsed: Any, served: ServedModel, name: str) -> Answer:
-    return scoring.invocations_response(probabilities), {}
+def _respond_mlflow(outputs_: np.ndarray, parsed: Any, served: ServedModel, name: str) -> Answer:
+    return scoring.invocations_response(outputs.invocations(outputs_, served.loaded)), {}
 
 
 V1 = Protocol("v1", _parse_v1, _respond_v1)

@@ -308,7 +308,7 @@ class Follower:
         served = load_registered(self.cfg.model, version=version, tracking_uri=self.cfg.tracking_uri)
         rows = self.cfg.follow.warmup_rows
         warm = served.loaded.predict_proba(np.zeros((rows, served.loaded.num_features), dtype=np.float32))
-        if warm.shape != (rows, len(served.loaded.class_names)) or not np.isfinite(warm).all():
+        if warm.shape != (rows, served.loaded.num_outputs) or not np.isfinite(warm).all():
             raise ModelLoadError(f"version {version} answered its warm-up batch with shape {warm.shape} "
                                  f"or non-finite values")
         return served

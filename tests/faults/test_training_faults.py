@@ -16,8 +16,6 @@ import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import psutil
 import pytest
 import yaml
@@ -142,23 +140,26 @@ def test_c_driver_sigkilled_then_rerun_continues(ray_cluster, trained, tmp_path)
     assert json.loads(second.stdout.strip().splitlines()[-1])["version"] == 1
 
 
-def test_d_failure_on_every_attempt_ends_failed_and_registers_nothing(ray_session, tmp_path):
-    """Labels outside 0..K-1 make every attempt fail; after max_failures restarts the run ends FAILED."""
+def test_d_failure_on_every_attempt_ends_failed_and_registers_nothing(ray_session):
+    """A model that fails in every training step (it passes the driver's one-batch check in eval mode) makes
+    every attempt fail; after max_failures restarts the run ends FAILED. (Bad labels no longer get this far:
+    they are refused before any worker starts, tests/integration/test_own_model.py.)"""
     from mlray.config import parse_config
     from mlray.train import train
 
-    rng = np.random.default_rng(0)
-    frame = pd.DataFrame(rng.normal(size=(300, 4)), columns=list("abcd"))
-    frame["label"] = rng.integers(-1, 2, 300)  # -1 is not a class index
-    frame.to_csv(tmp_path / "bad.csv", index=False)
-    cfg = parse_config({"name": "badlabels", "data": {"source": str(tmp_path / "bad.csv"), "label_column": "label"},
-                        "train": {"num_workers": 2, "epochs": 2, "max_failures": 1}})
-    expected = r"training of 'badlabels' failed in run \w+: IndexError: Target -1 is out of bounds"
-    with pytest.raises(TrainingFailed, match=expected):
-        train(cfg)
+    userproject = Path(__file__).resolve().parents[1] / "fixtures" / "userproject"
+    sys.path.append(str(userproject))  # the driver imports the factory; workers get the same folder from it
+    try:
+        cfg = parse_config({"name": "badlabels", "model": {"factory": "usermodel.nets:fails_in_training"},
+                            "train": {"num_workers": 2, "epochs": 2, "max_failures": 1}})
+        expected = r"training of 'badlabels' failed in run \w+: RuntimeError: usermodel fails in training on purpose"
+        with pytest.raises(TrainingFailed, match=expected):
+            train(cfg)
+    finally:
+        sys.path.remove(str(userproject))
     runs = _runs("badlabels")
     assert [r.info.status for r in runs] == ["FAILED"]
-    assert runs[0].data.tags["mlray.failure"] == "IndexError: Target -1 is out of bounds."
+    assert runs[0].data.tags["mlray.failure"] == "RuntimeError: usermodel fails in training on purpose"
     assert len(json.loads(runs[0].data.tags[ATTEMPTS_TAG])) == 2  # the first try and one restart
     assert client().search_model_versions("name='badlabels'") == []
 

@@ -22,7 +22,8 @@ KEY = "test-key"
 
 def served_model(version: int = 3, *, seed: int = 0) -> ServedModel:
     torch.manual_seed(seed)
-    model = build(ModelSpec(arch="mlp", num_features=len(FEATURES), num_classes=len(CLASSES), hidden=(16,)))
+    model = build(ModelSpec(factory="mlray.models:mlp", num_features=len(FEATURES), num_outputs=len(CLASSES),
+                            kwargs={"hidden": [16]}))
     model.eval()
     loaded = LoadedModel(model=model, feature_names=list(FEATURES), class_names=list(CLASSES), meta={})
     info = VersionInfo(name="digits", version=version, run_id="run-1", source="models:/m-1", aliases=["champion"],

@@ -41,3 +41,18 @@ def test_missing_file_and_non_mapping(tmp_path):
 def test_bad_model_name_pattern():
     with pytest.raises(ConfigError, match=r"name: String should match pattern"):
         parse_config({"name": "bad name/with slash"})
+
+
+def test_shipped_regression_config_is_valid():
+    cfg = load_config("configs/diabetes.yaml")
+    assert cfg.task == "regression" and cfg.registry.gate.metric == "test_rmse" and cfg.loss == "mse"
+
+
+def test_num_classes_is_for_file_sources():
+    import pytest
+
+    from mlray.config import parse_config
+    from mlray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.num_classes applies to a file source; 'digits' knows its classes"):
+        parse_config({"data": {"num_classes": 10}})

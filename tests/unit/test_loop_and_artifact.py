@@ -25,7 +25,8 @@ def _batches(x, y, bs=32):
 
 
 def _cfg(x, epochs=4):
-    spec = ModelSpec(arch="mlp", num_features=x.shape[1], num_classes=3, hidden=(16,), dropout=0.0)
+    spec = ModelSpec(factory="mlray.models:mlp", num_features=x.shape[1], num_outputs=3,
+                     kwargs={"hidden": [16], "dropout": 0.0})
     return LoopConfig(model=spec.to_dict(), mean=x.mean(0).tolist(), std=x.std(0).tolist(), epochs=epochs,
                       batch_size=32, lr=0.01, weight_decay=0.0, seed=1)
 
@@ -81,7 +82,7 @@ def test_standardize_ships_with_weights(tmp_path: Path):
 
 
 def test_tampered_weights_are_refused(tmp_path: Path):
-    model = build(ModelSpec(arch="mlp", num_features=4, num_classes=2, hidden=(8,)))
+    model = build(ModelSpec(factory="mlray.models:mlp", num_features=4, num_outputs=2, kwargs={"hidden": [8]}))
     meta = write_model_dir(tmp_path, model=model, feature_names=list("abcd"), class_names=["0", "1"])
     with pytest.raises(ModelLoadError, match="does not match the registry"):
         load_model_dir(tmp_path, expected_sha256="0" * 64)
@@ -91,9 +92,13 @@ def test_tampered_weights_are_refused(tmp_path: Path):
         load_model_dir(tmp_path, expected_sha256=meta["weights_sha256"])
 
 
-def test_unknown_architecture_is_a_config_error():
-    with pytest.raises(ConfigError, match="model.arch 'resnet' is not known; choose one of \\['cnn', 'mlp'\\]"):
-        build(ModelSpec(arch="resnet", num_features=4, num_classes=2))
+def test_a_format_1_spec_still_builds_the_same_architecture():
+    """Models registered before factories stored {"arch": "mlp", "num_classes": K, "hidden": ...}."""
+    old = {"arch": "mlp", "num_features": 4, "num_classes": 3, "hidden": [8], "dropout": 0.0, "extra": {}}
+    spec = ModelSpec.from_dict(old)
+    assert spec == ModelSpec(factory="mlray.models:mlp", num_features=4, num_outputs=3,
+                             kwargs={"hidden": [8], "dropout": 0.0})
+    assert build(spec)(torch.zeros(2, 4)).shape == (2, 3)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -120,10 +125,10 @@ def test_mixed_precision_step_on_cuda(precision):
 
 
 def test_cnn_architecture_on_digit_shaped_rows():
-    model = build(ModelSpec(arch="cnn", num_features=64, num_classes=10, hidden=(8, 32)))
+    model = build(ModelSpec(factory="mlray.models:cnn", num_features=64, num_outputs=10, kwargs={"hidden": [8, 32]}))
     assert model(torch.zeros(5, 64)).shape == (5, 10)
     with pytest.raises(ConfigError, match="needs square images; 63 features"):
-        build(ModelSpec(arch="cnn", num_features=63, num_classes=10))
+        build(ModelSpec(factory="mlray.models:cnn", num_features=63, num_outputs=10))
 
 
 def test_a_malicious_pickle_in_place_of_the_weights_never_runs(tmp_path: Path):
@@ -137,7 +142,7 @@ def test_a_malicious_pickle_in_place_of_the_weights_never_runs(tmp_path: Path):
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    model = build(ModelSpec(arch="mlp", num_features=4, num_classes=2, hidden=(8,)))
+    model = build(ModelSpec(factory="mlray.models:mlp", num_features=4, num_outputs=2, kwargs={"hidden": [8]}))
     meta = write_model_dir(tmp_path / "m", model=model, feature_names=list("abcd"), class_names=["0", "1"])
     (tmp_path / "m" / "weights.safetensors").write_bytes(pickle.dumps(Payload()))
     for expected in (meta["weights_sha256"], None):

@@ -40,8 +40,10 @@ def store(tmp_path, monkeypatch):
 
 
 def _sweep(trials: list[tuple[str, str, float | None]], mode: str = "max") -> tuple[object, str, str]:
-    """A sweep's parent run and one child run per (trial id, status, val_accuracy)."""
-    cfg = parse_config({"name": "m", "tune": {"metric": "val_accuracy", "mode": mode}})
+    """A sweep's parent run and one child run per (trial id, status, metric): val_accuracy, or val_loss for
+    mode "min" (a sweep's metric must be better in its mode's direction)."""
+    metric_name = "val_accuracy" if mode == "max" else "val_loss"
+    cfg = parse_config({"name": "m", "tune": {"metric": metric_name, "mode": mode}})
     mlflow_client = client()
     experiment = experiment_id("m")
     parent = mlflow_client.create_run(experiment, tags={SWEEP_TAG: "s1", "mlray.role": "sweep"}).info.run_id
@@ -50,7 +52,7 @@ def _sweep(trials: list[tuple[str, str, float | None]], mode: str = "max") -> tu
         run_id = run.info.run_id
         mlflow_client.log_param(run_id, "trial.train.lr", str(len(trial)))
         if metric is not None:
-            mlflow_client.log_metric(run_id, "val_accuracy", metric)
+            mlflow_client.log_metric(run_id, metric_name, metric)
         if status == "FINISHED":
             mlflow_client.set_tag(run_id, MODEL_URI_TAG, f"{run.info.artifact_uri}/model")
             mlflow_client.set_tag(run_id, "mlray.weights_sha256", "ab" * 32)
