@@ -267,6 +267,48 @@ def keys_create(file: Annotated[Path, typer.Option(help="the secret file the app
     typer.echo(add_key_to_file(file))
 
 
+monitor = typer.Typer(help="Prometheus for the local cluster: Ray's scrape targets and mlray's alert rules.")
+app.add_typer(monitor, name="monitor")
+
+
+@monitor.command("up")
+def monitor_up(
+    port: Annotated[int, typer.Option(help="Prometheus port on 127.0.0.1 (the Ray dashboard reads 9090)")] = 9090,
+    min_replicas: Annotated[int, typer.Option(help="alert when fewer healthy replicas serve a deployment")] = 1,
+    error_ratio: Annotated[float, typer.Option(help="alert above this share of 5xx answers")] = 0.05,
+    p99: Annotated[float, typer.Option("--p99-seconds", help="alert above this p99 latency")] = 0.25,
+    address: AddressOpt = None,
+) -> None:
+    """Start Prometheus scraping the Ray cluster's metrics, with mlray's alert rules."""
+    from mlray import monitoring
+
+    _setup_logging(False)
+    try:
+        thresholds = monitoring.AlertThresholds(error_ratio=error_ratio, p99_seconds=p99, min_replicas=min_replicas)
+        nodes = None
+        if monitoring.ray_discovery_file(monitoring.session_dir()) is None:  # no dashboard: ask Ray for the nodes
+            import ray
+
+            _connect(address)
+            nodes = ray.nodes()
+        running = monitoring.up(port=port, thresholds=thresholds, nodes=nodes)
+    except MlrayError as err:
+        _fail(err)
+    typer.echo(f"""Prometheus:      {running.url}  (targets: {running.discovery})
+Alert rules:     {running.folder / 'mlray-alerts.yml'}  (firing: {running.url}/alerts)
+Ray dashboard:   its Metrics tab reads Prometheus at http://localhost:9090 (RAY_PROMETHEUS_HOST for another)
+Grafana:         import {monitoring.GRAFANA_DASHBOARD} with this Prometheus as its data source
+Stop it:         mlray monitor down""")
+
+
+@monitor.command("down")
+def monitor_down() -> None:
+    """Stop the Prometheus that `mlray monitor up` started."""
+    from mlray import monitoring
+
+    typer.echo("stopped Prometheus" if monitoring.down() else "no Prometheus started by mlray is running")
+
+
 @app.command()
 def quickstart(
     config: ConfigOpt = Path("configs/digits.yaml") if Path("configs/digits.yaml").exists() else None,
@@ -302,9 +344,12 @@ Stop everything: mlray down""")
 @app.command()
 def down() -> None:
     """Stop what the quickstart / `mlray serve` started: the Serve apps and the local Ray head."""
+    from mlray import monitoring
     from mlray.quickstart import down as do_down
 
     _setup_logging(False)
+    if monitoring.down():
+        typer.echo("stopped Prometheus")
     typer.echo("stopped the local Ray cluster" if do_down() else "no local cluster started by mlray is running")
 
 
