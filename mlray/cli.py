@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from mlray import console
+from mlray.cli_monitor import monitor
 from mlray.errors import ConfigError, MlrayError
 
 app = typer.Typer(no_args_is_help=True, help="Train on Ray, track in MLflow, serve on Ray Serve.",
@@ -362,13 +363,17 @@ def quickstart(
 @app.command()
 def down(as_json: JsonOpt = False) -> None:
     """Stop what the quickstart / `mlray serve` started: the Serve apps and the local Ray head."""
+    from mlray import monitoring
     from mlray.quickstart import down as do_down
 
     _setup_logging(False)
+    prometheus = monitoring.down()
     stopped = do_down()
     if as_json:
-        console.print_json({"stopped": stopped})
+        console.print_json({"stopped": stopped, "prometheus_stopped": prometheus})
     else:
+        if prometheus:
+            typer.echo("stopped Prometheus")
         typer.echo("stopped the local Ray cluster" if stopped else "no local cluster started by mlray is running")
 
 
@@ -392,6 +397,9 @@ def run(argv: list[str] | None = None) -> int:
             raise  # a bug: keep the traceback
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         return console.FAILURE_EXIT
+
+
+app.add_typer(monitor, name="monitor")
 
 
 def main() -> None:

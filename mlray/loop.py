@@ -328,6 +328,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
+    from mlray.monitoring import EpochGauges
     from mlray.tracking import EpochLogger
 
     cfg = LoopConfig(**config)
@@ -360,6 +361,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     model = ray.train.torch.prepare_model(model)  # moves it to `device`, then DDP
     epoch_logger = EpochLogger(cfg.tracking_uri, cfg.run_id) if rank == 0 and cfg.run_id else None
+    gauges = EpochGauges(cfg.run_id) if rank == 0 and cfg.run_id else None
     if epoch_logger is not None:
         epoch_logger.record_attempt(start_epoch)
         epoch_logger.sync(history)  # fill in epochs a failed attempt checkpointed but did not log
@@ -392,6 +394,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             # After the checkpoint is stored, and only for epochs the run does not have yet: an epoch
             # re-run after a failure keeps the value its first run logged (one value per epoch).
             epoch_logger.log_epoch(metrics)
+        if gauges is not None:
+            gauges.set(metrics)
 
     spec = ModelSpec.from_dict(cfg.model)
     tested = evaluate_test_split(

@@ -128,3 +128,18 @@ class SteadyLoad:
         with self._lock:
             seen = [r[1] for r in self.results if r[0] == 200]
         return [v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v]
+
+
+def need_program(name: str, install: str) -> None:
+    """Skip the calling test module when a program is missing, or fail under MLRAY_REQUIRE_LAB=1 (as in CI,
+    whose .ci/run installs it): a missing program must not pass CI as a skip."""
+    import os
+    import shutil
+
+    import pytest
+
+    if shutil.which(name) is not None:
+        return
+    if os.environ.get("MLRAY_REQUIRE_LAB") == "1":
+        pytest.fail(f"{name} is not installed ({install})", pytrace=False)
+    pytest.skip(f"{name} is not installed ({install})", allow_module_level=True)
