@@ -102,7 +102,7 @@ def plot_history(runs: list[Run], into: Path) -> None:
         axis.tick_params(axis="x", rotation=30)
         axis.grid(alpha=0.3)
     left.legend()
-    fig.suptitle("Every bench/serve.py run in bench/results (q: --quick); the plain process is measured in the same run")
+    fig.suptitle("Every bench/serve.py run in bench/results (q: --quick); the plain process measured in the same run")
     fig.tight_layout()
     fig.savefig(into, dpi=110)
     plt.close(fig)

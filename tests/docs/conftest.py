@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 

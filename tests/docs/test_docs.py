@@ -10,6 +10,10 @@ Blocks that cannot run on one machine carry ``pytest.mark.skip`` with a reason t
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -27,6 +31,8 @@ STOPS_HEAD = re.compile(r"^\s*(mlray|make) down\b", re.M)
 STOPS = [block for block in ALL if STOPS_HEAD.search(block.code)]
 RUN = [block for block in ALL if block not in STOPS]
 SERVE_URL = "http://127.0.0.1:8000"
+DEPLOYS = re.compile(r"^\s*(serve (deploy|run)|mlray serve)\b", re.M)
+BIN = Path(sys.executable).parent
 
 
 def _status(url: str) -> int:
@@ -46,6 +52,8 @@ def run_block(block: Block, docs: DocsSession) -> str:
         status, output = 0, docs.setup_output
     elif foreground is not None:
         def while_ready() -> None:
+            if DEPLOYS.search(block.code):
+                wait_apps_running(block.id)
             if answers := foreground.kwargs.get("answers"):
                 wait_for(lambda: _status(answers) == 200, timeout=foreground.kwargs.get("seconds", 120),
                          what=f"{answers} answering 200 while `{block.code.strip()}` runs")
@@ -70,6 +78,10 @@ def run_block(block: Block, docs: DocsSession) -> str:
         assert output_matches(block.expected_output, output), (
             f"{block.id}: the output differs from what the page shows\n$ {block.code}\n--- page:\n"
             f"{block.expected_output}\n--- got:\n{output[-5000:]}")
+    if foreground is None and expected == 0 and DEPLOYS.search(block.code):
+        # `serve deploy` returns once Serve has the config; the app builds after. A page that shows a deploy
+        # promises an app that runs.
+        wait_apps_running(block.id)
     docs.ran.append(block.code)
     return output
 
@@ -79,17 +91,32 @@ def test_block(block: Block, docs: DocsSession) -> None:
     run_block(block, docs)
 
 
-def serve_status(docs: DocsSession) -> dict:
-    done = docs.shell.run("source .venv/bin/activate\nserve status 2>/dev/null")
-    assert done.returncode == 0, done.stdout
-    return yaml.safe_load(done.stdout)["applications"]
+def serve_status() -> dict:
+    """`serve status`'s applications: {name: {status, message, ...}}."""
+    done = subprocess.run([str(BIN / "serve"), "status"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return yaml.safe_load(done.stdout).get("applications") or {}
+
+
+def wait_apps_running(what: str, timeout: float = 300) -> None:
+    """Until every Serve app is RUNNING; a DEPLOY_FAILED one fails at once, with Serve's message."""
+    deadline = time.monotonic() + timeout
+    while True:
+        apps = serve_status()
+        failed = {name: app.get("message", "") for name, app in apps.items()
+                  if app.get("status") == "DEPLOY_FAILED"}
+        assert not failed, f"{what}: Serve says DEPLOY_FAILED: {failed}"
+        if apps and all(app.get("status") == "RUNNING" for app in apps.values()):
+            return
+        assert time.monotonic() < deadline, f"{what}: Serve apps not RUNNING within {timeout} s: {apps}"
+        time.sleep(2)
 
 
 def test_a_failed_deploy_leaves_the_previous_version_serving(docs: DocsSession, tmp_path) -> None:
     """`serve deploy` of our YAML with an arg the app does not know: the app goes DEPLOY_FAILED with the
     field's name, and the replicas that were serving keep answering with the same version."""
     docs.shell.run("source .venv/bin/activate\nserve deploy serve_apps/digits.yaml")
-    wait_for(lambda: serve_status(docs).get("digits", {}).get("status") == "RUNNING", timeout=300,
+    wait_for(lambda: serve_status().get("digits", {}).get("status") == "RUNNING", timeout=300,
              what="the digits app RUNNING from serve_apps/digits.yaml")
     before = requests.get(f"{SERVE_URL}/v1/models/digits", timeout=10).json()
 
@@ -99,9 +126,9 @@ def test_a_failed_deploy_leaves_the_previous_version_serving(docs: DocsSession, 
     assert bad.read_text() != good
     done = docs.shell.run(f"source .venv/bin/activate\nserve deploy {bad}")
     assert done.returncode == 0, done.stdout  # Serve takes the config; the app fails to build after
-    wait_for(lambda: serve_status(docs)["digits"]["status"] == "DEPLOY_FAILED", timeout=180,
+    wait_for(lambda: serve_status()["digits"]["status"] == "DEPLOY_FAILED", timeout=180,
              what="the bad config's DEPLOY_FAILED")
-    assert "max_rowz" in serve_status(docs)["digits"]["message"]
+    assert "max_rowz" in serve_status()["digits"]["message"]
 
     after = requests.get(f"{SERVE_URL}/v1/models/digits", timeout=10)
     assert after.status_code == 200 and after.json()["version"] == before["version"]
@@ -110,7 +137,7 @@ def test_a_failed_deploy_leaves_the_previous_version_serving(docs: DocsSession, 
     assert answer.status_code == 200 and answer.headers["x-model-version"] == str(before["version"])
 
     docs.shell.run("source .venv/bin/activate\nserve deploy serve_apps/digits.yaml")
-    wait_for(lambda: serve_status(docs)["digits"]["status"] == "RUNNING", timeout=300,
+    wait_for(lambda: serve_status()["digits"]["status"] == "RUNNING", timeout=300,
              what="the digits app RUNNING again from the good YAML")
 
 
