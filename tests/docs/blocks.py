@@ -118,8 +118,8 @@ class Shell:
             f"{code}\n"
         )
 
-    def _argv(self, code: str) -> list[str]:
-        return ["env", "-i", f"HOME={self.home}", "PATH=/usr/bin:/bin", "bash", "-c", self._script(code)]
+    def _argv(self, code: str, *extra_env: str) -> list[str]:
+        return ["env", "-i", f"HOME={self.home}", "PATH=/usr/bin:/bin", *extra_env, "bash", "-c", self._script(code)]
 
     @property
     def cwd(self) -> Path:
@@ -138,7 +138,9 @@ class Shell:
         """
         log = self.state.parent / "foreground.log"
         with open(log, "w") as out:
-            process = subprocess.Popen(self._argv(code), stdout=out, stderr=subprocess.STDOUT,
+            # A terminal shows a Python program's lines as they come; written to a file they would come in
+            # blocks, and `ready` could sit in a buffer until the program ends.
+            process = subprocess.Popen(self._argv(code, "PYTHONUNBUFFERED=1"), stdout=out, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
             deadline, seen = time.monotonic() + seconds, False
             try:

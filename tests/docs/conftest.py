@@ -55,7 +55,7 @@ def docs(tmp_path_factory: pytest.TempPathFactory):
         screenshot("http://127.0.0.1:8265/#/overview", GENERATED / "ray-dashboard.png", wait_ms=8000)
         yield DocsSession(shell, output)
     finally:
-        stopped = shell.run(TEARDOWN, timeout=300)
+        stopped = shell.run(f'cd "{ROOT}"\n{TEARDOWN}', timeout=300)  # a page may have left the shell elsewhere
         wait_for(lambda: not ray_processes(), timeout=120, what="every Ray process gone after `make down`")
         if saved.exists():
             shutil.rmtree(state, ignore_errors=True)

@@ -91,11 +91,16 @@ def test_block(block: Block, docs: DocsSession) -> None:
     run_block(block, docs)
 
 
+def serve(*args: str) -> str:
+    """Serve's CLI, from the repository root; its stdout."""
+    done = subprocess.run([str(BIN / "serve"), *args], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert done.returncode == 0, f"serve {' '.join(args)}: exit {done.returncode}\n{done.stdout}{done.stderr}"
+    return done.stdout
+
+
 def serve_status() -> dict:
     """`serve status`'s applications: {name: {status, message, ...}}."""
-    done = subprocess.run([str(BIN / "serve"), "status"], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return yaml.safe_load(done.stdout).get("applications") or {}
+    return yaml.safe_load(serve("status")).get("applications") or {}
 
 
 def wait_apps_running(what: str, timeout: float = 300) -> None:
@@ -115,17 +120,15 @@ def wait_apps_running(what: str, timeout: float = 300) -> None:
 def test_a_failed_deploy_leaves_the_previous_version_serving(docs: DocsSession, tmp_path) -> None:
     """`serve deploy` of our YAML with an arg the app does not know: the app goes DEPLOY_FAILED with the
     field's name, and the replicas that were serving keep answering with the same version."""
-    docs.shell.run("source .venv/bin/activate\nserve deploy serve_apps/digits.yaml")
-    wait_for(lambda: serve_status().get("digits", {}).get("status") == "RUNNING", timeout=300,
-             what="the digits app RUNNING from serve_apps/digits.yaml")
+    serve("deploy", "serve_apps/digits.yaml")
+    wait_apps_running("serve deploy serve_apps/digits.yaml")
     before = requests.get(f"{SERVE_URL}/v1/models/digits", timeout=10).json()
 
     good = (ROOT / "serve_apps" / "digits.yaml").read_text()
     bad = tmp_path / "digits-bad.yaml"
     bad.write_text(good.replace("max_rows: 1024", "max_rowz: 1024"))
     assert bad.read_text() != good
-    done = docs.shell.run(f"source .venv/bin/activate\nserve deploy {bad}")
-    assert done.returncode == 0, done.stdout  # Serve takes the config; the app fails to build after
+    serve("deploy", str(bad))  # Serve takes the config; the app fails to build after
     wait_for(lambda: serve_status()["digits"]["status"] == "DEPLOY_FAILED", timeout=180,
              what="the bad config's DEPLOY_FAILED")
     assert "max_rowz" in serve_status()["digits"]["message"]
@@ -136,7 +139,7 @@ def test_a_failed_deploy_leaves_the_previous_version_serving(docs: DocsSession, 
     answer = requests.post(f"{SERVE_URL}/v1/models/digits:predict", json={"instances": row}, timeout=10)
     assert answer.status_code == 200 and answer.headers["x-model-version"] == str(before["version"])
 
-    docs.shell.run("source .venv/bin/activate\nserve deploy serve_apps/digits.yaml")
+    serve("deploy", "serve_apps/digits.yaml")
     wait_for(lambda: serve_status()["digits"]["status"] == "RUNNING", timeout=300,
              what="the digits app RUNNING again from the good YAML")
 
