@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # build); with a GPU, pip resolves torch normally and gets CUDA.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: setup quickstart test test-unit test-gpu down lint clean
+.PHONY: setup quickstart test test-unit test-gpu test-docs docs down lint clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,18 @@ test-unit: setup
 # On a machine with CUDA: the GPU tests (tests/gpu, and unit tests marked gpu). Skipped without one.
 test-gpu: setup
 	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -m gpu tests/gpu tests/unit
+
+# The README and docs/ as a test: every shell block, run as written from a clean shell against the head that
+# `make quickstart` starts (needs ports 8000, 8265 and 5000 free, and no Ray running); also makes the
+# pictures of the docs site (docs/img/generated/).
+test-docs: setup
+	RAY_AUTH_MODE=disabled $(VENV)/bin/pytest tests/docs
+
+# The docs site, into site/: the bench plots, then a strict build (a broken link or anchor fails it).
+# Pictures of runs that tests/docs has not made yet get a placeholder, unless MLRAY_DOCS_REQUIRE_PICTURES=1.
+docs: setup
+	$(PY) docs/tools/plot_bench.py
+	$(VENV)/bin/mkdocs build --strict
 
 down:
 	$(VENV)/bin/mlray down

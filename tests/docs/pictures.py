@@ -1,0 +1,64 @@
+"""Pictures for the docs site, made by the docs tier: nothing under docs/img/generated is drawn by hand.
+
+- ``learning_curve.png`` and ``confusion_matrix.png``: the quickstart run's own report, as mlray logs it to
+  MLflow with every training (copied from the run's artifacts);
+- ``ray-dashboard.png`` and ``mlflow-ui.png``: headless Chromium (Debian's ``chromium``) on the running
+  dashboard and on the MLflow UI that the README's ``mlflow ui`` line starts.
+
+The bench plots come from ``docs/plot_bench.py`` (results already in bench/results, no cluster needed).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import requests
+
+from tests.docs.blocks import ROOT
+from tests.helpers import wait_for
+
+GENERATED = ROOT / "docs" / "img" / "generated"
+REPORT = ("learning_curve.png", "confusion_matrix.png")
+
+
+def copy_run_report(artifacts: Path, into: Path) -> list[Path]:
+    """The report pictures of the first run under ``artifacts`` (the quickstart's), copied to ``into``."""
+    copied = []
+    for name in REPORT:
+        found = sorted(artifacts.rglob(f"report/{name}"), key=lambda p: p.stat().st_mtime)
+        assert found, f"no report/{name} among the quickstart run's artifacts under {artifacts}"
+        copied.append(Path(shutil.copyfile(found[0], into / name)))
+    return copied
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).status_code < 500
+    except requests.RequestException:
+        return False
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    raise AssertionError("headless Chromium is needed for the docs screenshots: apt-get install chromium "
+                         "(.ci/run installs it)")
+
+
+def screenshot(url: str, into: Path, *, wait_ms: int = 5000, size: str = "1280,800") -> Path:
+    """A PNG of ``url`` as headless Chromium renders it after ``wait_ms`` of (virtual) page time, once the
+    server answers (a server that says it is listening may still be starting its workers)."""
+    wait_for(lambda: _answers(url), timeout=180, what=f"{url} answering")
+    into.unlink(missing_ok=True)
+    done = subprocess.run(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         "--disable-dev-shm-usage", f"--window-size={size}", f"--virtual-time-budget={wait_ms}",
+         f"--screenshot={into}", url],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert into.exists() and into.stat().st_size > 10_000, (
+        f"no screenshot of {url} (chromium exit {done.returncode}): {done.stderr[-2000:]}")
+    return into

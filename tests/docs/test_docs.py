@@ -1,0 +1,167 @@
+"""Every shell block of README.md and docs/*.md, run as written and in order, on the head `make quickstart`
+started (tests/docs/conftest.py), from a shell that has not activated the venv.
+
+A block passes when it exits with the status its page gives (0 unless ``exit_code`` says otherwise) and
+prints what its page shows after it. Blocks that stop the head (``mlray down``, ``make down``) run last.
+Blocks that cannot run on one machine carry ``pytest.mark.skip`` with a reason the reader sees
+(tests/docs/test_pages.py checks that).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from tests.docs.blocks import ROOT, Block, blocks, output_matches, pages
+from tests.docs.conftest import SETUP, DocsSession, makefile_runs
+from tests.docs.pictures import GENERATED, screenshot
+from tests.helpers import ray_processes, wait_for
+
+pytestmark = pytest.mark.integration
+
+ALL = [block for page in pages() for block in blocks(page)]
+STOPS_HEAD = re.compile(r"^\s*(mlray|make) down\b", re.M)
+STOPS = [block for block in ALL if STOPS_HEAD.search(block.code)]
+RUN = [block for block in ALL if block not in STOPS]
+SERVE_URL = "http://127.0.0.1:8000"
+DEPLOYS = re.compile(r"^\s*(serve (deploy|run)|mlray serve)\b", re.M)
+BIN = Path(sys.executable).parent
+
+
+def _status(url: str) -> int:
+    try:
+        return requests.get(url, timeout=5).status_code
+    except requests.RequestException:
+        return 0
+
+
+def params(found: list[Block]) -> list:
+    return [pytest.param(block, marks=block.marks, id=block.id) for block in found]
+
+
+def run_block(block: Block, docs: DocsSession) -> str:
+    foreground, shot = block.mark("foreground"), block.mark("screenshot")
+    if block.code.strip() == SETUP:  # the tier's own set-up ran exactly this block, in this shell
+        status, output = 0, docs.setup_output
+    elif foreground is not None:
+        def while_ready() -> None:
+            if DEPLOYS.search(block.code):
+                wait_apps_running(block.id)
+            if answers := foreground.kwargs.get("answers"):
+                wait_for(lambda: _status(answers) == 200, timeout=foreground.kwargs.get("seconds", 120),
+                         what=f"{answers} answering 200 while `{block.code.strip()}` runs")
+            if shot is not None:
+                screenshot(shot.kwargs["url"], GENERATED / f"{shot.kwargs['name']}.png",
+                           wait_ms=shot.kwargs.get("wait_ms", 6000))
+
+        ready = foreground.kwargs["ready"]
+        seen, output = docs.shell.run_foreground(block.code, ready=ready,
+                                                 seconds=foreground.kwargs.get("seconds", 120),
+                                                 while_ready=while_ready)
+        assert seen, f"{block.id}: `{ready}` never appeared:\n{block.code}\n---\n{output[-4000:]}"
+        status = 0
+    else:
+        done = docs.shell.run(block.code)
+        status, output = done.returncode, done.stdout
+    exit_code = block.mark("exit_code")
+    expected = exit_code.args[0] if exit_code is not None else 0
+    assert status == expected, (f"{block.id}: exit {status}, the page expects {expected}\n$ {block.code}\n"
+                                f"---\n{output[-5000:]}")
+    if block.expected_output is not None:
+        assert output_matches(block.expected_output, output), (
+            f"{block.id}: the output differs from what the page shows\n$ {block.code}\n--- page:\n"
+            f"{block.expected_output}\n--- got:\n{output[-5000:]}")
+    if foreground is None and expected == 0 and DEPLOYS.search(block.code):
+        # `serve deploy` returns once Serve has the config; the app builds after. A page that shows a deploy
+        # promises an app that runs.
+        wait_apps_running(block.id)
+    docs.ran.append(block.code)
+    return output
+
+
+@pytest.mark.parametrize("block", params(RUN))
+def test_block(block: Block, docs: DocsSession) -> None:
+    run_block(block, docs)
+
+
+def serve(*args: str) -> str:
+    """Serve's CLI, from the repository root; its stdout."""
+    done = subprocess.run([str(BIN / "serve"), *args], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert done.returncode == 0, f"serve {' '.join(args)}: exit {done.returncode}\n{done.stdout}{done.stderr}"
+    return done.stdout
+
+
+def serve_status() -> dict:
+    """`serve status`'s applications: {name: {status, message, ...}}."""
+    return yaml.safe_load(serve("status")).get("applications") or {}
+
+
+def wait_apps_running(what: str, timeout: float = 300) -> None:
+    """Until every Serve app is RUNNING; a DEPLOY_FAILED one fails at once, with Serve's message."""
+    deadline = time.monotonic() + timeout
+    while True:
+        apps = serve_status()
+        failed = {name: app.get("message", "") for name, app in apps.items()
+                  if app.get("status") == "DEPLOY_FAILED"}
+        assert not failed, f"{what}: Serve says DEPLOY_FAILED: {failed}"
+        if apps and all(app.get("status") == "RUNNING" for app in apps.values()):
+            return
+        assert time.monotonic() < deadline, f"{what}: Serve apps not RUNNING within {timeout} s: {apps}"
+        time.sleep(2)
+
+
+def test_a_failed_deploy_leaves_the_previous_version_serving(docs: DocsSession, tmp_path) -> None:
+    """`serve deploy` of our YAML with an arg the app does not know: the app goes DEPLOY_FAILED with the
+    field's name, and the replicas that were serving keep answering with the same version."""
+    serve("deploy", "serve_apps/digits.yaml")
+    wait_apps_running("serve deploy serve_apps/digits.yaml")
+    before = requests.get(f"{SERVE_URL}/v1/models/digits", timeout=10).json()
+
+    good = (ROOT / "serve_apps" / "digits.yaml").read_text()
+    bad = tmp_path / "digits-bad.yaml"
+    bad.write_text(good.replace("max_rows: 1024", "max_rowz: 1024"))
+    assert bad.read_text() != good
+    serve("deploy", str(bad))  # Serve takes the config; the app fails to build after
+    wait_for(lambda: serve_status()["digits"]["status"] == "DEPLOY_FAILED", timeout=180,
+             what="the bad config's DEPLOY_FAILED")
+    assert "max_rowz" in serve_status()["digits"]["message"]
+
+    after = requests.get(f"{SERVE_URL}/v1/models/digits", timeout=10)
+    assert after.status_code == 200 and after.json()["version"] == before["version"]
+    row = [[0.0] * 64]
+    answer = requests.post(f"{SERVE_URL}/v1/models/digits:predict", json={"instances": row}, timeout=10)
+    assert answer.status_code == 200 and answer.headers["x-model-version"] == str(before["version"])
+
+    serve("deploy", "serve_apps/digits.yaml")
+    wait_for(lambda: serve_status()["digits"]["status"] == "RUNNING", timeout=300,
+             what="the digits app RUNNING again from the good YAML")
+
+
+@pytest.mark.parametrize("block", params(STOPS))
+def test_stop_block(block: Block, docs: DocsSession) -> None:
+    run_block(block, docs)
+    wait_for(lambda: not ray_processes(), timeout=120, what=f"no Ray process after {block.id}")
+
+
+def cli_table_commands() -> list[str]:
+    """`mlray X [Y]` of every row of the CLI table (the page that has one)."""
+    rows = [line for page in pages() for line in page.read_text().splitlines() if line.startswith("| `mlray ")]
+    assert rows, "no CLI table (rows starting with | `mlray ...`) in README.md or docs/"
+    return [" ".join(re.match(r"\| `mlray ((?:[a-z][a-z-]* ?)+)", row).group(1).split()) for row in rows]
+
+
+def test_every_command_of_the_cli_table_ran(docs: DocsSession) -> None:
+    ran = "\n".join(docs.ran)
+    for target in ("quickstart", "down"):  # `make quickstart` and `make down` run `mlray quickstart` and `mlray down`
+        if re.search(rf"^\s*make {target}\b", ran, re.M) and f"mlray {target}" in makefile_runs(target):
+            ran += f"\nmlray {target}"
+    missing = [command for command in cli_table_commands()
+               if not re.search(rf"(^|[\s;&|(]){re.escape('mlray ' + command)}\b", ran, re.M)]
+    assert not missing, f"commands of the CLI table that no docs block ran: {missing}"
