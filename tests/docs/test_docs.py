@@ -59,7 +59,7 @@ def run_block(block: Block, docs: DocsSession) -> str:
                          what=f"{answers} answering 200 while `{block.code.strip()}` runs")
             if shot is not None:
                 screenshot(shot.kwargs["url"], GENERATED / f"{shot.kwargs['name']}.png",
-                           wait_ms=shot.kwargs.get("wait_ms", 6000))
+                           wait_ms=shot.kwargs.get("wait_ms", 6000), size=shot.kwargs.get("size", "1280,800"))
 
         ready = foreground.kwargs["ready"]
         seen, output = docs.shell.run_foreground(block.code, ready=ready,
