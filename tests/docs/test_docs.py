@@ -138,10 +138,7 @@ def test_a_failed_deploy_leaves_the_previous_version_serving(docs: DocsSession, 
     row = [[0.0] * 64]
     answer = requests.post(f"{SERVE_URL}/v1/models/digits:predict", json={"instances": row}, timeout=10)
     assert answer.status_code == 200 and answer.headers["x-model-version"] == str(before["version"])
-
-    serve("deploy", "serve_apps/digits.yaml")
-    wait_for(lambda: serve_status()["digits"]["status"] == "RUNNING", timeout=300,
-             what="the digits app RUNNING again from the good YAML")
+    # Left as it is: the next test stops the head (a redeploy of the good YAML cost ~50 s here).
 
 
 @pytest.mark.parametrize("block", params(STOPS))
