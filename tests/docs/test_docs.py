@@ -59,7 +59,7 @@ def run_block(block: Block, docs: DocsSession) -> str:
                          what=f"{answers} answering 200 while `{block.code.strip()}` runs")
             if shot is not None:
                 screenshot(shot.kwargs["url"], GENERATED / f"{shot.kwargs['name']}.png",
-                           wait_ms=shot.kwargs.get("wait_ms", 6000))
+                           wait_ms=shot.kwargs.get("wait_ms", 6000), size=shot.kwargs.get("size", "1280,800"))
 
         ready = foreground.kwargs["ready"]
         seen, output = docs.shell.run_foreground(block.code, ready=ready,
@@ -138,10 +138,7 @@ def test_a_failed_deploy_leaves_the_previous_version_serving(docs: DocsSession, 
     row = [[0.0] * 64]
     answer = requests.post(f"{SERVE_URL}/v1/models/digits:predict", json={"instances": row}, timeout=10)
     assert answer.status_code == 200 and answer.headers["x-model-version"] == str(before["version"])
-
-    serve("deploy", "serve_apps/digits.yaml")
-    wait_for(lambda: serve_status()["digits"]["status"] == "RUNNING", timeout=300,
-             what="the digits app RUNNING again from the good YAML")
+    # Left as it is: the next test stops the head (a redeploy of the good YAML cost ~50 s here).
 
 
 @pytest.mark.parametrize("block", params(STOPS))
