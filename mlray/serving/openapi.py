@@ -23,6 +23,7 @@ from mlray.serving import oip, routes
 from mlray.serving.routes import Route
 
 FLOAT32_MAX = 3.4028234663852886e38
+CSV_ROWS = 4
 _NUMBER = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}
 _STRING = {"type": "string"}
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": _STRING}}
@@ -95,9 +96,13 @@ def _body(route: Route, model: dict[str, Any] | None, max_rows: int) -> dict[str
     if names is not None:
         number = r"-?(0|[1-9][0-9]{0,5})(\.[0-9]{1,4})?"
         row = ",".join([number] * len(names))
+        # Up to CSV_ROWS rows shown: a pattern repeated up to max_rows times made schemathesis' generator use
+        # 23 GB (measured); more rows are read as well, up to max_rows.
+        shown = min(CSV_ROWS, max_rows)
         content["text/csv"] = {"schema": {
-            "type": "string", "pattern": f"^{','.join(names)}\\r?\\n({row}\\r?\\n){{0,{max_rows - 1}}}{row}\\r?\\n?$",
-            "description": "DataFrame.to_csv(index=False): a header row of the feature names, then one line per row"}}
+            "type": "string", "pattern": f"^{','.join(names)}\\r?\\n({row}\\r?\\n){{0,{shown - 1}}}{row}\\r?\\n?$",
+            "description": f"DataFrame.to_csv(index=False): a header row of the feature names, then one line per row "
+                           f"(shown with up to {shown} rows; up to {max_rows} are read)"}}
     return content
 
 
