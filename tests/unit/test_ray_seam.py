@@ -181,3 +181,12 @@ def test_only_the_agent_of_the_callers_own_raylet_is_found(tmp_path):
                 child.kill()
             n.kill()
             n.wait(timeout=10)
+
+
+def test_haproxy_marks_exactly_the_route_tables_prediction_paths() -> None:
+    # The wrapper's rule is a literal (the seam does not import the serving stack); the route table is the
+    # source of truth, so a new prediction route must appear in the rule too.
+    from mlray._ray.haproxy import PREDICTION_RULE
+    from mlray.serving.routes import PREDICTION_PATH_ENDS
+
+    assert PREDICTION_RULE.endswith("{ path_end " + " ".join(PREDICTION_PATH_ENDS) + " }")
