@@ -66,7 +66,7 @@ def submitted(env):
     head = run([sys.executable, "-c", "from mlray import cluster; print(cluster.start_head(num_cpus=4))"], env)
     assert head.returncode == 0, head.stderr[-3000:]
     done = run([str(BIN / "ray"), "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".",
-                "--", "mlray", "train", "--config", "usermodel.yaml"], env, cwd=USERPROJECT)
+                "--", "mlray", "train", "--config", "usermodel.yaml", "--json"], env, cwd=USERPROJECT)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
     found = re.search(r'^\{\n.*?^\}', done.stdout, flags=re.S | re.M)
     assert found, done.stdout[-3000:]
