@@ -48,10 +48,11 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_d
     """
     import ray
 
+    # An address that names no cluster is refused even in a process that is connected already.
+    target = resolve_address(address or os.environ.get("RAY_ADDRESS"))
     if ray.is_initialized():
         return
     apply_env()
-    target = resolve_address(address or os.environ.get("RAY_ADDRESS"))
     if target:
         ray.init(address=target, log_to_driver=log_to_driver)
         return
