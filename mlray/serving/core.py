@@ -114,14 +114,19 @@ class PredictionCore:
 
     def _predict_batch(self, calls: list[tuple[ServedModel, np.ndarray]]) -> list[np.ndarray]:
         # Requests that arrived together, perhaps for different versions: one model call per version.
-        out: list[np.ndarray | None] = [None] * len(calls)
+        out: list[np.ndarray | Exception | None] = [None] * len(calls)
         groups: dict[int, list[int]] = {}
         for i, (served, _) in enumerate(calls):
             groups.setdefault(id(served), []).append(i)
         for indices in groups.values():
             served = calls[indices[0]][0]
             arrays = [calls[i][1] for i in indices]
-            probabilities = served.loaded.predict(np.concatenate(arrays))  # (sum N, K)
+            try:
+                probabilities = served.loaded.predict(np.concatenate(arrays))  # (sum N, K)
+            except Exception as err:  # noqa: BLE001 - one version failing (a canary) fails only its own requests
+                for i in indices:
+                    out[i] = err  # the batcher raises it for that caller
+                continue
             self._observe_batch(len(probabilities), served)
             for i, part in zip(indices, np.split(probabilities, np.cumsum([len(a) for a in arrays])[:-1]),
                                strict=True):

@@ -270,3 +270,23 @@ def test_core_uses_the_live_weight_and_counts_each_role():
     with pytest.raises(RuntimeError):
         asyncio.run(core.answer(Call(route, params, {}, read)))
     assert versions.calls[-1] == ("challenger", 4, False)
+
+
+def test_a_failing_version_fails_only_its_own_requests_in_a_shared_batch():
+    import numpy as np
+
+    from mlray.serving.config import ServeAppConfig
+    from mlray.serving.core import PredictionCore
+    from tests.unit.serving_app import FEATURES, Versions, served_model
+
+    good, bad = served_model(3), served_model(4, seed=1)
+
+    def boom(module, args):
+        raise RuntimeError("this version cannot answer")
+
+    bad.loaded.model.register_forward_pre_hook(boom)
+    core = PredictionCore(ServeAppConfig.model_validate({"model": "digits"}), Versions({"champion": good}))
+    x = np.zeros((1, len(FEATURES)), dtype=np.float32)
+    parts = core._predict_batch([(good, x), (bad, x), (good, x)])
+    assert isinstance(parts[1], RuntimeError)
+    assert parts[0].shape == parts[2].shape == (1, 3)
