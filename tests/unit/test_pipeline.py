@@ -290,3 +290,58 @@ def test_a_failing_version_fails_only_its_own_requests_in_a_shared_batch():
     parts = core._predict_batch([(good, x), (bad, x), (good, x)])
     assert isinstance(parts[1], RuntimeError)
     assert parts[0].shape == parts[2].shape == (1, 3)
+
+
+# -- the commands ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def cli(store, capsys):
+    from mlray.cli import run
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = run(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return invoke
+
+
+def test_pipeline_run_names_a_bad_field_in_one_error_line(cli, tmp_path):
+    bad = tmp_path / "pipeline.yaml"
+    bad.write_text("canary: {hold: 3}\n")
+    code, out, err = cli("pipeline", "run", "--config", str(bad), "--dry-run")
+    assert code == 1 and out == ""
+    assert err.strip().startswith("error: invalid config in ") and "canary.hold: Extra inputs are not permitted" in err
+
+
+def test_dry_run_json_lists_the_plan(cli):
+    code, out, _ = cli("pipeline", "run", "--config", str(ROOT / "configs/pipeline.yaml"), "--dry-run", "--id", "d",
+                       "--json")
+    assert code == 0
+    got = json.loads(out)
+    assert got["pipeline_id"] == "d" and [s["step"] for s in got["plan"]][:3] == ["train", "evaluate", "gate"]
+
+
+def test_lineage_prints_the_chain(cli):
+    from mlray.registry import promote, register
+    from mlray.tracking import client, experiment_id
+
+    mlflow_client = client()
+    train_run = mlflow_client.create_run(experiment_id("lin"))
+    mlflow_client.log_metric(train_run.info.run_id, "test_accuracy", 0.97)
+    pipeline_run = mlflow_client.create_run(experiment_id("mlray-pipeline"),
+                                            tags={"mlray.pipeline.outcome": "champion"})
+    version = register("lin", model_uri=f"{train_run.info.artifact_uri}/model", run_id=train_run.info.run_id, tags={
+        "mlray.run_id": train_run.info.run_id, "data.name": "digits", "data.fingerprint": "abc123",
+        "git.commit": "deadbeef", "mlray.version": "0.1", "mlray.pipeline.id": "nightly-1",
+        "mlray.pipeline.run_id": pipeline_run.info.run_id}).version
+    promote("lin", version=version)
+    code, out, _ = cli("lineage", "lin@champion")
+    assert code == 0, out
+    assert f"lin version {version}  (@champion)" in out
+    assert f"trained in run {train_run.info.run_id}" in out and "test_accuracy=0.9700" in out
+    assert "data digits  fingerprint abc123" in out and "code git deadbeef" in out
+    assert f"pipeline nightly-1 (run {pipeline_run.info.run_id}, outcome champion)" in out
+    code, out, _ = cli("lineage", "models:/lin/1", "--json")
+    assert json.loads(out)["data"]["fingerprint"] == "abc123"
