@@ -108,7 +108,9 @@ def run(cfg: PipelineConfig, *, pipeline_id: str | None = None, address: str | N
             f"{(pending(tuple(STEPS), record.steps) or ['the end'])[0]}")
     ctx = steps.Context(cfg=cfg, job=job, pipeline_id=pipeline_id, record=record, say=say, address=address)
     fns = {**STEPS, **(step_fns or {})}
-    outcome: tuple[str, str] | None = None
+    # A step that ended the pipeline records why; a run killed before the close still ends there on resume.
+    ended = [s.outputs["stop"] for s in record.steps.values() if s.finished and "stop" in s.outputs]
+    outcome: tuple[str, str] | None = (str(ended[0][0]), str(ended[0][1])) if ended else None
     for name in pending(tuple(STEPS), record.steps):
         if outcome is not None:
             record.start(name)
@@ -121,7 +123,8 @@ def run(cfg: PipelineConfig, *, pipeline_id: str | None = None, address: str | N
             record.fail(name, f"{type(err).__name__}: {err}")  # the same id again retries this step
             tracking.client().set_terminated(record.run_id, "FAILED")
             raise
-        record.finish(name, result.outputs, status=result.status)
+        stop = {"stop": list(result.stop)} if result.stop is not None else {}
+        record.finish(name, {**result.outputs, **stop}, status=result.status)
         if result.stop is not None:
             outcome = result.stop
     if outcome is None:  # resumed after every step finished but before the close

@@ -199,6 +199,24 @@ def test_a_refused_gate_ends_the_pipeline_and_skips_the_rest(store):
         "register", "compress", "deploy", "watch", "finish"}
 
 
+def test_a_run_killed_after_the_gate_refused_still_ends_there(store):
+    from mlray.pipeline.runner import run
+    from mlray.tracking import client
+
+    calls: list[str] = []
+    fns = _fake_steps(calls, gate_passes=False)
+    cfg = load_pipeline(ROOT / "configs/pipeline.yaml")
+    first = run(cfg, pipeline_id="p-gate-kill", step_fns=fns)
+    # The record as a kill right after the gate's refusal leaves it: no later step, no outcome.
+    for key in ["mlray.pipeline.outcome"] + [f"mlray.pipeline.step.{n}" for n in
+                                             ("register", "compress", "deploy", "watch", "finish")]:
+        client().delete_tag(first.run_id, key)
+    calls.clear()
+    result = run(cfg, pipeline_id="p-gate-kill", step_fns=fns)
+    assert result.resumed and result.outcome == "refused" and calls == []  # nothing after the refusal runs
+    assert result.steps["register"].status == "skipped"
+
+
 def test_a_failed_step_is_retried_by_the_same_id(store):
     from mlray.pipeline.runner import run
 
