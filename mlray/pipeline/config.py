@@ -7,7 +7,7 @@ value given and what was expected (the same messages as a job config).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -62,6 +62,8 @@ class CanaryStep(_Strict):
 class PipelineConfig(_Strict):
     job: str = Field(default="configs/digits.yaml", description="the training job's config (relative to this file)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted job fields, e.g. train.epochs: 10")
+    trainer: Literal["train", "tune"] = Field(
+        default="train", description="train once, or sweep the job's tune section and take the best trial")
     experiment: str = Field(default="mlray-pipeline", min_length=1, description="MLflow experiment of the records")
     app: str | None = Field(default=None, description="the Serve app to deploy to (default: the model's name)")
     gate: GateConfig | None = Field(default=None, description="default: the job's registry.gate")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mlray.config import JobConfig, load_config
+from mlray.errors import ConfigError
 from mlray.pipeline import steps, watch
 from mlray.pipeline.config import PipelineConfig
 from mlray.pipeline.record import OUTCOME_TAG, REASON_TAG, PipelineRecord, StepRecord, pending
@@ -50,7 +51,11 @@ def new_id() -> str:
 
 
 def job_config(cfg: PipelineConfig) -> JobConfig:
-    return load_config(Path(cfg.job), overrides=dict(cfg.overrides))
+    job = load_config(Path(cfg.job), overrides=dict(cfg.overrides))
+    if cfg.trainer == "tune" and job.tune is None:
+        raise ConfigError(f"trainer 'tune' needs a tune section in the job config {cfg.job!r} "
+                          "(see configs/digits-tune.yaml), or trainer: train")
+    return job
 
 
 def plan(cfg: PipelineConfig, *, pipeline_id: str) -> list[tuple[str, str]]:
@@ -62,7 +67,10 @@ def plan(cfg: PipelineConfig, *, pipeline_id: str) -> list[tuple[str, str]]:
                 else "skipped (compress.enabled is false)")
     return [
         ("train", f"{cfg.job}: {job.name}, {job.train.epochs} epochs on {job.train.num_workers} workers, "
-                  f"train.run_name {steps.train_run_name(pipeline_id)} (registers a new version)"),
+                  + (f"train.run_name {steps.train_run_name(pipeline_id)} (registers a new version)"
+                     if cfg.trainer == "train" or job.tune is None else
+                     f"a sweep of {job.tune.num_samples} trials, tune.sweep_name {steps.train_run_name(pipeline_id)} "
+                     "(registers the best trial)")),
         ("evaluate", f"the new version's {gate.metric} on the test split"),
         ("gate", f"{gate.metric} ({gate.direction}, min improvement {gate.min_improvement}) against "
                  f"{job.name}@champion; stop if refused"),

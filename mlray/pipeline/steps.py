@@ -67,6 +67,8 @@ def train(ctx: Context) -> StepResult:
     from mlray.train import runs_named
     from mlray.train import train as run_training
 
+    if ctx.cfg.trainer == "tune":
+        return _tune(ctx)
     run_name = train_run_name(ctx.pipeline_id)
     job = ctx.job.model_copy(update={"train": ctx.job.train.model_copy(update={"run_name": run_name})})
     exp_id = tracking.experiment_id(job.experiment_name)
@@ -82,6 +84,27 @@ def train(ctx: Context) -> StepResult:
     tracking.client().set_tag(result.run_id, "mlflow.parentRunId", ctx.record.run_id)
     ctx.say(f"train: registered {result.model_name} version {result.version} (run {result.run_id})")
     return StepResult({"run_id": result.run_id, "version": result.version, "metrics": result.metrics})
+
+
+def _tune(ctx: Context) -> StepResult:
+    """mlray's sweep (:func:`mlray.tune.sweep`) under ``tune.sweep_name = pipeline-<id>``: a killed sweep resumes
+    its trials, and one that finished is found by its registered version, not run again."""
+    from mlray.tune import SWEEP_TAG, sweep
+
+    assert ctx.job.tune is not None  # job_config checked it
+    name = train_run_name(ctx.pipeline_id)
+    registered = [v for v in tracking.client().search_model_versions(f"name='{ctx.name}'")
+                  if (v.tags or {}).get(SWEEP_TAG) == name]
+    if registered:
+        found = max(registered, key=lambda v: int(v.version))
+        ctx.say(f"train: sweep {name} already registered version {found.version}")
+        return StepResult({"run_id": found.run_id, "version": int(found.version), "sweep": name})
+    job = ctx.job.model_copy(update={"tune": ctx.job.tune.model_copy(update={"sweep_name": name})})
+    result = sweep(job, address=ctx.address)
+    tracking.client().set_tag(result.parent_run_id, "mlflow.parentRunId", ctx.record.run_id)
+    ctx.say(f"train: sweep {name} ({result.trials} trials) registered the best trial as version {result.version}")
+    return StepResult({"run_id": result.best_run_id, "version": result.version, "sweep": name,
+                       "best_config": result.best_config})
 
 
 def evaluate(ctx: Context) -> StepResult:

@@ -52,6 +52,13 @@ def test_config_errors_name_the_field_and_value(raw, message):
         parse_pipeline(raw, origin="in test.yaml")
 
 
+def test_trainer_tune_plans_a_sweep_and_needs_a_tune_section():
+    tuned = parse_pipeline({"job": str(ROOT / "configs/digits-tune.yaml"), "trainer": "tune"})
+    assert "tune.sweep_name pipeline-t (registers the best trial)" in dict(plan(tuned, pipeline_id="t"))["train"]
+    with pytest.raises(ConfigError, match=r"trainer 'tune' needs a tune section in the job config .*digits\.yaml"):
+        plan(parse_pipeline({"job": str(ROOT / "configs/digits.yaml"), "trainer": "tune"}), pipeline_id="t")
+
+
 def test_relative_job_path_falls_back_to_the_yaml_folder(tmp_path):
     (tmp_path / "job.yaml").write_text("name: elsewhere\n")
     (tmp_path / "pipeline.yaml").write_text("job: job.yaml\noverrides: {train.epochs: 3}\n")
