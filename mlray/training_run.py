@@ -31,11 +31,11 @@ MODEL_URI_TAG = "mlray.model_uri"
 logger = logging.getLogger(__name__)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flat_params(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = str(value)
     return flat
@@ -169,7 +169,7 @@ class TrainingRun:
         if self.reopened:
             return
         spec = self.prepared.data.spec
-        params = _flatten(self.cfg.model_dump(mode="json"))
+        params = flat_params(self.cfg.model_dump(mode="json"))
         params.update({f"data.size.{k}": str(v) for k, v in spec.sizes.items()})
         params.update({"data.num_features": str(spec.num_features), "data.num_classes": str(spec.num_classes)})
         params.update({k: str(v) for k, v in (extra or {}).items()})

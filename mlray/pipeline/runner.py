@@ -86,10 +86,10 @@ def plan(cfg: PipelineConfig, *, pipeline_id: str) -> list[tuple[str, str]]:
 
 
 def _params(cfg: PipelineConfig, job: JobConfig) -> dict[str, str]:
-    from mlray.train import _flatten
+    from mlray.training_run import flat_params
 
-    params = {f"pipeline.{k}": v for k, v in _flatten(cfg.model_dump(mode="json")).items()}
-    params.update({f"job.{k}": v for k, v in _flatten(job.model_dump(mode="json")).items()})
+    params = {f"pipeline.{k}": v for k, v in flat_params(cfg.model_dump(mode="json")).items()}
+    params.update({f"job.{k}": v for k, v in flat_params(job.model_dump(mode="json")).items()})
     return params
 
 

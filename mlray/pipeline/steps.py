@@ -64,8 +64,8 @@ def train(ctx: Context) -> StepResult:
     """mlray's own training (:func:`mlray.train.train`) under ``train.run_name = pipeline-<id>``: a run killed
     during training continues from its checkpoints, and one that finished is found, not trained again."""
 
-    from mlray.train import runs_named
     from mlray.train import train as run_training
+    from mlray.training_run import runs_named
 
     if ctx.cfg.trainer == "tune":
         return _tune(ctx)
