@@ -73,6 +73,11 @@ class ServeAppConfig(_Section):
     tracking_uri: str | None = None
     max_rows: int = Field(default=1024, ge=1)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    allow_pickle: bool = Field(
+        default=False,
+        description="load models whose MLflow flavour is a pickle (scikit-learn pickle/cloudpickle, a cloudpickled "
+                    "PythonModel): unpickling runs the file's code, so this trusts everyone who can write to the "
+                    "registry and its artifact store (docs/any-model.md)")
     fast_path: bool = Field(default=True, description="answer the prediction routes ahead of FastAPI's router "
                                                       "(same handlers and errors, less CPU per request)")
     batching: BatchingConfig = BatchingConfig()
