@@ -121,6 +121,7 @@ class ModelSet:
         # many models: the slots still held (weak: an evicted model's memory goes with Serve's reference)
         self.recent: weakref.WeakValueDictionary[str, Slot] = weakref.WeakValueDictionary()
         self.failures: dict[str, str] = {}
+        self._failed_at: dict[str, float] = {}
         self.started = False
 
     async def start(self) -> None:
@@ -132,8 +133,7 @@ class ModelSet:
                 try:
                     self.recent[name] = await self.open_slot(name)
                 except Exception as err:  # noqa: BLE001 - one model that cannot load must not stop the others
-                    self.failures[name] = f"{type(err).__name__}: {err}"
-                    logger.error("Model %s cannot be served: %s", name, self.failures[name])
+                    self._failed(name, str(err) if isinstance(err, ModelLoadError) else f"{type(err).__name__}: {err}")
         self.started = True
 
     def name_of(self, call: Call) -> str:
@@ -152,6 +152,10 @@ class ModelSet:
         slot = self.pinned.get(name)
         if slot is not None:
             return slot.core
+        failed_at = self._failed_at.get(name)
+        if failed_at is not None and time.monotonic() - failed_at < self.cfg.follow.retry_failed_after_s:
+            # a broken model costs one load per follow.retry_failed_after_s, not one per request
+            raise ModelLoadError(f"model {name!r} cannot be served: {self.failures[name]}")
         loading = asyncio.ensure_future(self.open_slot(name))
         try:
             slot = await asyncio.wait_for(asyncio.shield(loading), timeout=self.cfg.cold_load_timeout_s)
@@ -160,11 +164,18 @@ class ModelSet:
             raise Overloaded(f"model {name!r} is still loading after {self.cfg.cold_load_timeout_s:.0f} s; retry "
                              f"after {retry} s", retry_after_s=retry) from None
         except ModelLoadError as err:
-            self.failures[name] = str(err)
+            self._failed(name, str(err))
             raise ModelLoadError(f"model {name!r} cannot be served: {err}") from None
         self.recent[name] = slot
         self.failures.pop(name, None)
+        self._failed_at.pop(name, None)
         return slot.core
+
+    def _failed(self, name: str, reason: str) -> None:
+        self.failures[name] = reason
+        self._failed_at[name] = time.monotonic()
+        logger.error("Model %s cannot be served (retried after %.0f s): %s", name,
+                     self.cfg.follow.retry_failed_after_s, reason)
 
     async def answer(self, call: Call) -> Answer:
         if "name" not in call.params and call.route.predict is None:

@@ -119,6 +119,7 @@ def test_a_model_that_cannot_load_is_its_own_503_and_the_others_serve():
         assert status == 503 and "model 'pickled' cannot be served: refused to load a pickle" in json.dumps(body)
         status, _, _ = await _answer(models, _call("POST", "/v1/models/iris:predict", {"instances": [ROW]}))
         assert status == 200
+        assert loader.loads.count("pickled") == 1  # not retried before follow.retry_failed_after_s
 
     asyncio.run(scenario())
 
@@ -157,3 +158,31 @@ def test_each_model_gets_its_own_target():
     iris, wine = (cfg.for_model(e) for e in cfg.entries)
     assert (iris.model, iris.alias, iris.version, iris.models) == ("iris", None, 3, [])
     assert (wine.model, wine.alias, wine.version) == ("wine", "prod", None)
+
+
+def test_local_watcher_asks_the_registry_at_most_every_poll_interval_and_survives_an_outage():
+    from mlray.serving.multi import LocalWatcher
+
+    cfg = _models(["iris"], follow={"poll_interval_s": 3600})
+    asked: list[str] = []
+    answers: list[object] = [{"champion": 1}, RuntimeError("registry down")]
+
+    def resolve(model_cfg: ServeAppConfig) -> dict[str, int | None]:
+        asked.append(model_cfg.model)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[return-value]
+
+    async def scenario() -> None:
+        watcher = LocalWatcher(cfg.for_model(cfg.entries[0]), resolve=resolve)
+        report = {"replica": "r1", "versions": {"champion": 1}, "failures": {}}
+        assert (await watcher.sync.remote(report))["targets"] == {"champion": 1}
+        assert (await watcher.sync.remote(report))["targets"] == {"champion": 1}  # within the interval: cached
+        assert asked == ["iris"]
+        watcher.asked = -float("inf")  # the interval passed
+        assert (await watcher.sync.remote(report))["targets"] == {"champion": 1}  # outage: keeps the targets
+        status = await watcher.status.remote()
+        assert status["on_target"] and status["replicas"]["r1"]["versions"] == {"champion": 1}
+
+    asyncio.run(scenario())
