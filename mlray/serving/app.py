@@ -76,12 +76,21 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, observe)
         finally:
-            protocol = routes.protocol_of(route_path(scope))
+            path = route_path(scope)
+            protocol = routes.protocol_of(path)
             if protocol != "other":
-                model = seen.get("model", _Replica.model)
+                model = seen.get("model") or _asked_model(path)
                 metrics.count_request(model, seen["version"], seen["role"], protocol, seen["status"])
                 metrics.latency.observe(time.perf_counter() - started,
                                         tags={"model": model, "version": seen["version"], "protocol": protocol})
+
+
+def _asked_model(path: str) -> str:
+    """For an answer without ``x-model-name`` (an error): the served model the URL names, else the app's
+    model. Never a name a client made up: metric labels stay bounded."""
+    known = _Replica.core.known if _Replica.core is not None else frozenset()
+    asked = next((params["name"] for _, params in routes.lookup(path) if "name" in params), None)
+    return asked if asked in known else _Replica.model or "unknown"
 
 
 def _endpoint(route: routes.Route, core_of: Callable[[], Answers | None]) -> Callable[..., Any]:
