@@ -117,8 +117,9 @@ def test_signature_errors_are_4xx_and_a_name_not_served_is_404(apps):
     wrong_column = requests.post(f"{url}/invocations", headers={"x-mlray-model": "iris"}, timeout=30, json={
         "dataframe_split": {"columns": ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal"],
                             "data": [[1, 2, 3, 4]]}})
-    assert wrong_column.status_code == 400 and "'petal'" in wrong_column.text  # MLflow's protocol: 400
-    assert "sepal length (cm)" in wrong_column.text
+    message = wrong_column.json()["message"]
+    assert wrong_column.status_code == 400, message  # MLflow's protocol answers input errors with 400
+    assert "'dataframe_split.columns[3]' is \"petal\"" in message and "sepal length (cm)" in message
     wrong_type = requests.post(f"{url}/v1/models/iris:predict", json={"instances": [[1, 2, "x", 4]]}, timeout=30)
     assert wrong_type.status_code == 422 and "instances[0][2]" in wrong_type.text
     wrong_shape = requests.post(f"{url}/v1/models/iris:predict", json={"instances": [[1, 2, 3]]}, timeout=30)
