@@ -132,3 +132,21 @@ def test_no_signature_takes_a_numeric_matrix_and_says_so():
     assert spec.describe()["signature"] is None and "numeric matrix of 3 columns" in spec.describe()["accepts"]
     with pytest.raises(ModelLoadError, match="no signature and its number of input columns is unknown"):
         input_spec(None, num_features=None)
+
+
+def test_a_model_without_signature_takes_a_matrix_of_the_width_its_tag_gives(store):
+    from mlray.registry import get_version
+    from mlray.serving.foreign import NUM_FEATURES_TAG
+    from mlray.serving.loader import load_registered
+    from mlray.tracking import client
+
+    version = register_regressor("bare", signature=False)
+    with pytest.raises(ModelLoadError, match="no signature and its number of input columns is unknown"):
+        load_registered("bare", version=version, allow_pickle=True)
+    client().set_model_version_tag("bare", str(version), NUM_FEATURES_TAG, "4")
+    assert get_version("bare", version=version).tags[NUM_FEATURES_TAG] == "4"
+    loaded = load_registered("bare", version=version, allow_pickle=True).loaded
+    assert loaded.feature_names == ["x0", "x1", "x2", "x3"]
+    assert loaded.meta["input"] == {"signature": None, "accepts": "a numeric matrix of 4 columns (the model was "
+                                                                  "logged without a signature)"}
+    np.testing.assert_allclose(loaded.predict(np.ones((2, 4), dtype=np.float32)), [[2.0], [2.0]])
