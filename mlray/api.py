@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from mlray.artifact import LoadedModel
     from mlray.config import GateConfig, JobConfig
     from mlray.registry import PromotionResult
+    from mlray.serving.foreign import PyfuncModel
     from mlray.train import TrainResult
     from mlray.tune import SweepResult
 
@@ -92,11 +93,14 @@ def predict(name: str, rows: np.ndarray | list[list[float]], *, url: str = "http
 
 
 def load_model(name: str, *, alias: str | None = None, version: int | None = None,
-               device: str | None = None) -> LoadedModel:
+               device: str | None = None) -> LoadedModel | PyfuncModel:
     """A registered version in this process, its weights' hash checked; ``.predict(x)`` gives (N, K).
 
     Without ``alias`` or ``version``: ``@champion``. ``device`` defaults to CUDA when this process has a GPU.
+    A model logged by another tool comes back as a ``PyfuncModel`` (pickles refused: docs/any-model.md).
     """
+    from mlray.artifact import LoadedModel
+    from mlray.errors import ConfigError
     from mlray.serving.loader import load_registered
 
     if alias is None and version is None:
@@ -104,6 +108,8 @@ def load_model(name: str, *, alias: str | None = None, version: int | None = Non
     loaded = load_registered(name, alias=alias, version=version).loaded
     if device is None:
         return loaded
+    if not isinstance(loaded, LoadedModel):
+        raise ConfigError(f"device={device!r}: {name} was not logged by mlray; MLflow places it itself")
     import dataclasses
 
     import torch

@@ -29,7 +29,8 @@ from mlray.serving.fastpath import FastPredict, read_limited
 from mlray.serving.http import install_error_handlers, response, route_path
 from mlray.serving.loader import ServedModel
 from mlray.serving.metrics import ServingMetrics
-from mlray.serving.rollout import Follower, RegistryWatcher
+from mlray.serving.multi import Answers, LocalWatcher, ModelSet, Slot
+from mlray.serving.rollout import Follower, RegistryWatcher, resolve_targets
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class _Replica:
     guard = KeyGuard()
     metrics: ServingMetrics | None = None
     model = ""
-    core: PredictionCore | None = None  # set once the replica has loaded its models
+    core: ModelSet | None = None  # set once the replica has loaded its models
     fast_path = True
 
 
@@ -64,7 +65,9 @@ class MetricsMiddleware:
             if message["type"] == "http.response.start":
                 seen["status"] = str(message["status"])
                 for name, value in message.get("headers", ()):
-                    if name == b"x-model-version":
+                    if name == b"x-model-name":
+                        seen["model"] = value.decode()
+                    elif name == b"x-model-version":
                         seen["version"] = value.decode()
                     elif name == b"x-model-role":
                         seen["role"] = value.decode()
@@ -73,15 +76,24 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, observe)
         finally:
-            protocol = routes.protocol_of(route_path(scope))
+            path = route_path(scope)
+            protocol = routes.protocol_of(path)
             if protocol != "other":
-                model = _Replica.model
+                model = seen.get("model") or _asked_model(path)
                 metrics.count_request(model, seen["version"], seen["role"], protocol, seen["status"])
                 metrics.latency.observe(time.perf_counter() - started,
                                         tags={"model": model, "version": seen["version"], "protocol": protocol})
 
 
-def _endpoint(route: routes.Route, core_of: Callable[[], PredictionCore | None]) -> Callable[..., Any]:
+def _asked_model(path: str) -> str:
+    """For an answer without ``x-model-name`` (an error): the served model the URL names, else the app's
+    model. Never a name a client made up: metric labels stay bounded."""
+    known = _Replica.core.known if _Replica.core is not None else frozenset()
+    asked = next((params["name"] for _, params in routes.lookup(path) if "name" in params), None)
+    return asked if asked in known else _Replica.model or "unknown"
+
+
+def _endpoint(route: routes.Route, core_of: Callable[[], Answers | None]) -> Callable[..., Any]:
     """A FastAPI endpoint for ``route``: the core's handler, with the path's parameters declared."""
 
     async def endpoint(request: Request, **params: str) -> Response:
@@ -104,7 +116,7 @@ class _ModelName(StringConvertor):
     regex = routes.NAME_PATTERN
 
 
-def register_routes(api: FastAPI, core_of: Callable[[], PredictionCore | None]) -> None:
+def register_routes(api: FastAPI, core_of: Callable[[], Answers | None]) -> None:
     """Every route of the table on ``api``, answered by ``core_of()``, described in its OpenAPI document."""
     register_url_convertor("model", _ModelName())
     for route in routes.ROUTES:
@@ -112,15 +124,19 @@ def register_routes(api: FastAPI, core_of: Callable[[], PredictionCore | None]) 
                           summary=route.summary, response_class=Response, include_in_schema=False)
 
 
-def build_api(*, core: Callable[[], PredictionCore | None], guard: Callable[[], KeyGuard],
-              fast: Callable[[], PredictionCore | None]) -> FastAPI:
+def _primary(answers: Answers | None) -> PredictionCore | None:
+    return answers.primary() if isinstance(answers, ModelSet) else answers  # type: ignore[return-value]
+
+
+def build_api(*, core: Callable[[], Answers | None], guard: Callable[[], KeyGuard],
+              fast: Callable[[], Answers | None]) -> FastAPI:
     """The ASGI app of a replica (or of a test): the table's routes, the fast path, API keys, error handlers."""
     app = FastAPI(title="mlray model server",
                   description="Predictions from models in the MLflow registry: V1, Open Inference Protocol V2, "
                               "MLflow scoring.")
     install_error_handlers(app, protocol_of=routes.protocol_of)
     register_routes(app, core)
-    openapi.install(app, core=core, guard=guard)
+    openapi.install(app, core=lambda: _primary(core()), guard=guard)
     app.add_middleware(FastPredict, core=fast)  # innermost: after the key check
     app.add_middleware(AuthMiddleware, guard=guard)
     return app
@@ -173,20 +189,45 @@ class ModelServer:
         _Replica.guard.configure(enabled=auth.enabled, hashes=hashes)
         _Replica.metrics = self.metrics = ServingMetrics()
         _Replica.model = self.cfg.model
-        context = serve.get_replica_context()
-        self.follower = Follower(self.cfg, watcher, replica=context.replica_id.unique_id,
-                                 node=ray.get_runtime_context().get_node_id(), metrics=self.metrics)
-        self.core = PredictionCore(self.cfg, _FollowedModels(self.follower), metrics=self.metrics)
+        self.watcher = watcher
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.node = ray.get_runtime_context().get_node_id()
+        self.background: set[asyncio.Task[Any]] = set()
         if self.cfg.metrics_agent_nice is not None:
             agents = lower_metrics_agent_priority(self.cfg.metrics_agent_nice)
             logger.info("Ray's metrics agent(s) %s now at nice %d (metrics_agent_nice)", agents,
                         self.cfg.metrics_agent_nice)
-        await self.follower.start()  # loads and warms up; the replica is not healthy before this returns
-        self.core.spawn(self.follower.run())
+        if self.cfg.models:
+            # Serve's LRU of models, bounded per replica; it also tells Serve's routers who holds which model.
+            async def load(model_id: str) -> Slot:
+                return await self._open_slot(model_id)
+
+            open_slot = serve.multiplexed(max_num_models_per_replica=self.cfg.max_models_per_replica)(load)
+            self.models = ModelSet(self.cfg, open_slot=open_slot,
+                                   held=lambda: len(getattr(load, "__serve_multiplex_wrapper").models))
+        else:
+            self.models = ModelSet(self.cfg, open_slot=self._open_slot)
+        await self.models.start()  # loads and warms up; the replica is not healthy before this returns
         _Replica.fast_path = self.cfg.fast_path
-        _Replica.core = self.core
+        _Replica.core = self.models
         if auth.enabled and auth.keys_file:
-            self.core.spawn(self._follow_keys(KeyFileWatch(keys_env=auth.keys_env, keys_file=auth.keys_file)))
+            self._spawn(self._follow_keys(KeyFileWatch(keys_env=auth.keys_env, keys_file=auth.keys_file)))
+
+    def _spawn(self, work: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
+
+    async def _open_slot(self, name: str) -> Slot:
+        """Load one model (its target version, warmed up) and start following its alias."""
+        entry = next(entry for entry in self.cfg.entries if entry.name == name)
+        cfg = self.cfg.for_model(entry)
+        watcher = self.watcher if not self.cfg.models else LocalWatcher(cfg, resolve=resolve_targets)
+        follower = Follower(cfg, watcher, replica=self.replica, node=self.node, metrics=self.metrics)
+        core = PredictionCore(cfg, _FollowedModels(follower), metrics=self.metrics)
+        await follower.start()
+        return Slot(core=core, task=self._spawn(follower.run()), loop=asyncio.get_running_loop())
 
     async def _follow_keys(self, watch: KeyFileWatch) -> None:
         """Keys added to or revoked from ``auth.keys_file`` take effect within a heartbeat."""
@@ -198,7 +239,7 @@ class ModelServer:
 
     def check_health(self) -> None:
         """Serve's health probe: a replica whose champion cannot answer is restarted."""
-        self.core.check_health()
+        self.models.check_health()
 
 
 def deployment_options(cfg: ServeAppConfig) -> dict[str, Any]:
@@ -229,7 +270,8 @@ def application(args: dict[str, Any], *, deployment_options_override: dict[str, 
     cfg = ServeAppConfig.model_validate(args)
     settings = cfg.model_dump(mode="json")
     # @serve.deployment replaced the classes with Deployments; Ray's typing of the decorator does not say so.
-    watcher = cast(serve.Deployment, RegistryWatcher).bind(settings)
+    # one model: the app's watcher deployment; many: each model's LocalWatcher inside the replicas
+    watcher = cast(serve.Deployment, RegistryWatcher).bind(settings) if not cfg.models else None
     options = {**deployment_options(cfg), **(deployment_options_override or {})}
     return cast(serve.Deployment, ModelServer).options(**options).bind(settings, watcher)
 

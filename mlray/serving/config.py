@@ -66,13 +66,39 @@ class AuthConfig(_Section):
         return self
 
 
+class ModelEntry(_Section):
+    """One model of a many-models app (``models:``): a name and its alias, or a fixed version."""
+
+    name: str = Field(..., min_length=1, pattern=r"^[^/:]+$", description="registered model name")
+    alias: str | None = None
+    version: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ModelEntry:
+        if self.alias is not None and self.version is not None:
+            raise ValueError(f"models[{self.name!r}]: give alias ({self.alias!r}) or version ({self.version!r}), "
+                             "not both")
+        if self.alias is None and self.version is None:
+            object.__setattr__(self, "alias", "champion")
+        return self
+
+
 class ServeAppConfig(_Section):
-    model: str = Field(..., description="registered model name")
+    model: str = Field(default="", description="registered model name (one model; or list them in models)")
+    models: list[ModelEntry] = Field(default_factory=list, description="many models in one app, routed by name")
+    max_models_per_replica: int = Field(default=8, ge=1, description="models a replica keeps loaded (LRU)")
+    cold_load_timeout_s: float = Field(default=30.0, gt=0, description="a request for a model no replica holds "
+                                                                       "waits this long for its load, then 503")
     alias: str | None = "champion"
     version: int | None = Field(default=None, ge=1, description="a fixed version instead of an alias")
     tracking_uri: str | None = None
     max_rows: int = Field(default=1024, ge=1)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    allow_pickle: bool = Field(
+        default=False,
+        description="load models whose MLflow flavour is a pickle (scikit-learn pickle/cloudpickle, a cloudpickled "
+                    "PythonModel): unpickling runs the file's code, so this trusts everyone who can write to the "
+                    "registry and its artifact store (docs/any-model.md)")
     fast_path: bool = Field(default=True, description="answer the prediction routes ahead of FastAPI's router "
                                                       "(same handlers and errors, less CPU per request)")
     batching: BatchingConfig = BatchingConfig()
@@ -88,11 +114,31 @@ class ServeAppConfig(_Section):
 
     @model_validator(mode="after")
     def _one_target(self) -> ServeAppConfig:
+        if bool(self.model) == bool(self.models):
+            raise ValueError(f"give exactly one of model ({self.model!r}) or models ({len(self.models)} listed)")
+        if self.models:
+            names = [entry.name for entry in self.models]
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                raise ValueError(f"models lists {repeated[0]!r} more than once; each model once")
+            if self.challenger is not None:
+                raise ValueError("challenger is for one model (model:); a many-models app follows each alias")
+            return self
         if (self.alias is None) == (self.version is None):
             raise ValueError(f"give exactly one of alias ({self.alias!r}) or version ({self.version!r})")
         if self.challenger is not None and self.challenger.alias == self.alias:
             raise ValueError(f"challenger.alias {self.challenger.alias!r} is the champion's alias; use another")
         return self
+
+    @property
+    def entries(self) -> list[ModelEntry]:
+        """Every model the app serves: ``models``, or ``model`` as a list of one."""
+        return self.models or [ModelEntry(name=self.model, alias=self.alias, version=self.version)]
+
+    def for_model(self, entry: ModelEntry) -> ServeAppConfig:
+        """The settings of one model of the app: the same app settings, that model's name and target."""
+        return self.model_copy(update={"model": entry.name, "alias": entry.alias, "version": entry.version,
+                                       "models": []})
 
     @property
     def target(self) -> str:

@@ -28,6 +28,7 @@ from mlray.serving import oip, outputs
 from mlray.serving.admission import Admission
 from mlray.serving.batching import MicroBatcher
 from mlray.serving.config import ServeAppConfig
+from mlray.serving.foreign import PyfuncModel
 from mlray.serving.loader import ServedModel
 from mlray.serving.protocols import Answer, Limits
 from mlray.serving.routes import Route
@@ -149,6 +150,8 @@ class PredictionCore:
             self.check_name(name)
         async with self.admission.admit() as left_s:
             x, parsed = protocol.parse(await call.read_body(), call.headers, self.champion.loaded, self.limits)
+            if isinstance(self.champion.loaded, PyfuncModel):
+                self.champion.loaded.check_input(x)  # the signature's types, before the rows join a batch
             role = self.choose(call.headers)
             served = self.versions.models[role]
             started = time.perf_counter()
@@ -213,7 +216,8 @@ class PredictionCore:
         body = {
             "name": info.name, "ready": True, "version": info.version, "alias": served.alias,
             "run_id": info.run_id, "metrics": info.metrics, "lineage": lineage_of(info),
-            "inputs": {"num_features": loaded.num_features, "feature_names": loaded.feature_names, "dtype": "float32"},
+            "inputs": {"num_features": loaded.num_features, "feature_names": loaded.feature_names, "dtype": "float32",
+                       **(loaded.spec.describe() if isinstance(loaded, PyfuncModel) else {})},
             "classes": loaded.class_names, "task": loaded.task, "device": str(loaded.device),
             "load_seconds": round(served.load_seconds, 3),
             "versions": {role: m.info.version for role, m in self.versions.models.items()},

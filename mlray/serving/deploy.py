@@ -84,11 +84,13 @@ def deploy(plan: ServePlan, *, timeout_s: float = 180.0) -> str:
     serve.start(http_options={"host": plan.host, "port": plan.port}, proxy_location="HeadOnly")
     serve.run(application(plan.args, deployment_options_override=plan.deployment_options), name=plan.app_name,
               route_prefix=plan.route_prefix)
-    model = plan.args["model"]
+    model = plan.args.get("model")
+    ready = f"{plan.url}/v2/models/{model}/ready" if model else f"{plan.url}/v2/health/ready"
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if requests.get(f"{plan.url}/v2/models/{model}/ready", timeout=5).status_code == 200:
+            answer = requests.get(ready, timeout=5)
+            if answer.status_code == 200 and answer.json().get("ready") is True:
                 return plan.url
         except requests.RequestException:
             pass

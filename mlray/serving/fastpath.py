@@ -20,8 +20,9 @@ from typing import Any
 
 from mlray.errors import PayloadTooLarge
 from mlray.serving import routes
-from mlray.serving.core import Call, PredictionCore
+from mlray.serving.core import Call
 from mlray.serving.http import encode, render_error, route_path, send_response
+from mlray.serving.multi import Answers
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class FastPredict:
     FastAPI app to the replica as a copy, so a core captured at import would not be the replica's).
     """
 
-    def __init__(self, app: Any, *, core: Callable[[], PredictionCore | None]) -> None:
+    def __init__(self, app: Any, *, core: Callable[[], Answers | None]) -> None:
         self.app = app
         self.core = core
 

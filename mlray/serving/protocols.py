@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from mlray.artifact import LoadedModel
 from mlray.serving import oip, outputs, scoring
 from mlray.serving.http import encode
-from mlray.serving.loader import ServedModel
+from mlray.serving.loader import Loaded, ServedModel
 from mlray.serving.validation import parse_json, parse_v1
 
 Body = dict[str, Any] | bytes
@@ -38,11 +37,11 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class Protocol:
     name: str
-    parse: Callable[[bytes, Mapping[str, str], LoadedModel, Limits], tuple[np.ndarray, Any]]
+    parse: Callable[[bytes, Mapping[str, str], Loaded, Limits], tuple[np.ndarray, Any]]
     respond: Callable[[np.ndarray, Any, ServedModel, str], Answer]
 
 
-def _parse_v1(body: bytes, headers: Mapping[str, str], model: LoadedModel, limits: Limits) -> tuple[np.ndarray, Any]:
+def _parse_v1(body: bytes, headers: Mapping[str, str], model: Loaded, limits: Limits) -> tuple[np.ndarray, Any]:
     payload = parse_json(body, max_bytes=limits.max_body_bytes)
     return parse_v1(payload, num_features=model.num_features, max_rows=limits.max_rows), None
 
@@ -52,7 +51,7 @@ def _respond_v1(outputs_: np.ndarray, parsed: Any, served: ServedModel, name: st
             "model_name": served.info.name, "model_version": served.info.version}, {}
 
 
-def _parse_v2(body: bytes, headers: Mapping[str, str], model: LoadedModel, limits: Limits) -> tuple[np.ndarray, Any]:
+def _parse_v2(body: bytes, headers: Mapping[str, str], model: Loaded, limits: Limits) -> tuple[np.ndarray, Any]:
     payload, binary = oip.split_body(body, headers.get(oip.HEADER_LENGTH), max_bytes=limits.max_body_bytes)
     request = oip.parse_infer(payload, num_features=model.num_features, max_rows=limits.max_rows, binary=binary,
                               output_names=tuple(out["name"] for out in outputs.v2_output_metadata(model)))
@@ -67,7 +66,7 @@ def _respond_v2(outputs_: np.ndarray, request: oip.Request, served: ServedModel,
     return oip.binary_body(encode(body), raw)
 
 
-def _parse_mlflow(body: bytes, headers: Mapping[str, str], model: LoadedModel, limits: Limits
+def _parse_mlflow(body: bytes, headers: Mapping[str, str], model: Loaded, limits: Limits
                   ) -> tuple[np.ndarray, Any]:
     x = scoring.parse_body(body, headers.get("content-type"), feature_names=model.feature_names,
                            max_rows=limits.max_rows, max_bytes=limits.max_body_bytes)

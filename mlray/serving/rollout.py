@@ -334,7 +334,8 @@ class Follower:
         logger.info("Now answering %s with version %s (loaded and warmed up in %.2f s)", role, version, seconds)
 
     def _load_and_warm(self, version: int) -> ServedModel:
-        served = load_registered(self.cfg.model, version=version, tracking_uri=self.cfg.tracking_uri)
+        served = load_registered(self.cfg.model, version=version, tracking_uri=self.cfg.tracking_uri,
+                                 allow_pickle=self.cfg.allow_pickle)
         rows = self.cfg.follow.warmup_rows
         warm = served.loaded.predict_proba(np.zeros((rows, served.loaded.num_features), dtype=np.float32))
         if warm.shape != (rows, served.loaded.num_outputs) or not np.isfinite(warm).all():

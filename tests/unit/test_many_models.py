@@ -1,0 +1,188 @@
+"""One app, many models, without Ray: routing by name, 404 for a name not served, the header that names the
+model of /invocations, bounded cold loads (503 + Retry-After), a model that cannot load next to ones that
+can, and the app settings that list them."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from mlray.errors import ModelLoadError
+from mlray.serving import routes
+from mlray.serving.config import ServeAppConfig
+from mlray.serving.core import Call, PredictionCore
+from mlray.serving.http import render_error
+from mlray.serving.multi import MODEL_HEADER, ModelSet, Slot
+from tests.unit.serving_app import FEATURES, Versions, served_model
+
+ROW = [1.0] * len(FEATURES)
+
+
+def _call(method: str, path: str, body: object = None, headers: dict[str, str] | None = None) -> Call:
+    found = routes.match(method, path)
+    assert found is not None, path
+    route, params = found
+    data = json.dumps(body).encode() if body is not None else b""
+
+    async def read() -> bytes:
+        return data
+
+    return Call(route, params, headers or {}, read)
+
+
+def _models(names: list[str], **settings: object) -> ServeAppConfig:
+    return ServeAppConfig.model_validate({"models": [{"name": n} for n in names], "max_rows": 16, **settings})
+
+
+class Loader:
+    """Loads a model in ``delay_s``; the names in ``broken`` fail as a refused pickle would."""
+
+    def __init__(self, cfg: ServeAppConfig, *, delay_s: float = 0.0, broken: tuple[str, ...] = ()) -> None:
+        self.cfg, self.delay_s, self.broken = cfg, delay_s, broken
+        self.loads: list[str] = []
+
+    async def __call__(self, name: str) -> Slot:
+        self.loads.append(name)
+        await asyncio.sleep(self.delay_s)
+        if name in self.broken:
+            raise ModelLoadError("refused to load a pickle: its python_function flavour is a cloudpickled PythonModel")
+        served = served_model()
+        served = dataclasses.replace(served, info=dataclasses.replace(served.info, name=name))
+        entry = next(e for e in self.cfg.entries if e.name == name)
+        return Slot(core=PredictionCore(self.cfg.for_model(entry), Versions({"champion": served})))
+
+
+async def _answer(models: ModelSet, call: Call) -> tuple[int, dict, dict]:
+    try:
+        body, headers = await models.answer(call)
+        return 200, body, headers  # type: ignore[return-value]
+    except Exception as err:  # noqa: BLE001 - rendered as the HTTP layer renders it
+        return render_error(call.route.kind, err)
+
+
+def test_requests_go_to_the_model_named_in_the_url_or_header_and_unknown_names_are_404():
+    cfg = _models(["iris", "wine", "digits"], max_models_per_replica=2)
+    loader = Loader(cfg)
+
+    async def scenario() -> None:
+        models = ModelSet(cfg, open_slot=loader, held=lambda: 2)
+        await models.start()
+        assert loader.loads == ["iris", "wine"]  # pre-warmed up to the bound
+        for name in ("wine", "digits"):
+            status, body, headers = await _answer(models, _call("POST", f"/v1/models/{name}:predict",
+                                                                {"instances": [ROW]}))
+            assert status == 200 and headers["x-model-name"] == name and body["model_name"] == name
+            assert headers["x-models-loaded"] == "2"
+        status, body, _ = await _answer(models, _call("POST", "/v2/models/nope/infer", {"inputs": []}))
+        assert status == 404 and "model 'nope' is not served here" in json.dumps(body)
+        status, body, _ = await _answer(models, _call("POST", "/invocations", {"instances": [ROW]}))
+        assert status == 400 and MODEL_HEADER in json.dumps(body)
+        status, body, headers = await _answer(models, _call("POST", "/invocations", {"instances": [ROW]},
+                                                            {MODEL_HEADER: "iris"}))
+        assert status == 200 and headers["x-model-name"] == "iris"
+        status, body, _ = await _answer(models, _call("GET", "/v2/health/ready"))
+        assert status == 200 and body == {"ready": True}
+
+    asyncio.run(scenario())
+
+
+def test_a_cold_load_past_its_timeout_is_503_with_retry_after_and_then_serves():
+    cfg = _models(["iris", "wine"], max_models_per_replica=1, cold_load_timeout_s=0.05)
+    loader = Loader(cfg, delay_s=0.2)
+
+    async def scenario() -> None:
+        models = ModelSet(cfg, open_slot=loader)
+        await models.start()
+        status, body, headers = await _answer(models, _call("POST", "/v1/models/wine:predict", {"instances": [ROW]}))
+        assert status == 503 and headers["retry-after"] == "1" and "'wine' is still loading" in json.dumps(body)
+        await asyncio.sleep(0.3)  # the load went on meanwhile
+        loader.delay_s = 0.0
+        status, _, headers = await _answer(models, _call("POST", "/v1/models/wine:predict", {"instances": [ROW]}))
+        assert status == 200 and headers["x-model-name"] == "wine"
+
+    asyncio.run(scenario())
+
+
+def test_a_model_that_cannot_load_is_its_own_503_and_the_others_serve():
+    cfg = _models(["iris", "pickled"])
+    loader = Loader(cfg, broken=("pickled",))
+
+    async def scenario() -> None:
+        models = ModelSet(cfg, open_slot=loader)
+        await models.start()
+        assert "refused to load a pickle" in models.failures["pickled"]
+        status, body, _ = await _answer(models, _call("POST", "/v1/models/pickled:predict", {"instances": [ROW]}))
+        assert status == 503 and "model 'pickled' cannot be served: refused to load a pickle" in json.dumps(body)
+        status, _, _ = await _answer(models, _call("POST", "/v1/models/iris:predict", {"instances": [ROW]}))
+        assert status == 200
+        assert loader.loads.count("pickled") == 1  # not retried before follow.retry_failed_after_s
+
+    asyncio.run(scenario())
+
+
+def test_one_model_is_the_simple_case():
+    cfg = ServeAppConfig.model_validate({"model": "digits", "max_rows": 16})
+    assert [(e.name, e.alias, e.version) for e in cfg.entries] == [("digits", "champion", None)]
+    loader = Loader(cfg)
+
+    async def scenario() -> None:
+        models = ModelSet(cfg, open_slot=loader)
+        await models.start()
+        status, _, headers = await _answer(models, _call("POST", "/invocations", {"instances": [ROW]}))
+        assert status == 200 and headers["x-model-name"] == "digits" and "x-models-loaded" not in headers
+        models.check_health()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"model": "a", "models": [{"name": "b"}]}, "give exactly one of model ('a') or models (1 listed)"),
+    ({}, "give exactly one of model"),
+    ({"models": [{"name": "a"}, {"name": "a"}]}, "models lists 'a' more than once"),
+    ({"models": [{"name": "a", "alias": "x", "version": 2}]}, "give alias ('x') or version (2), not both"),
+    ({"models": [{"name": "a/b"}]}, "should match pattern"),
+    ({"models": [{"name": "a"}], "challenger": {}}, "challenger is for one model"),
+])
+def test_app_settings_name_what_is_wrong(settings, message):
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ServeAppConfig.model_validate(settings)
+
+
+def test_each_model_gets_its_own_target():
+    cfg = _models(["iris"]).model_copy(update={"models": ServeAppConfig.model_validate(
+        {"models": [{"name": "iris", "version": 3}, {"name": "wine", "alias": "prod"}]}).models})
+    iris, wine = (cfg.for_model(e) for e in cfg.entries)
+    assert (iris.model, iris.alias, iris.version, iris.models) == ("iris", None, 3, [])
+    assert (wine.model, wine.alias, wine.version) == ("wine", "prod", None)
+
+
+def test_local_watcher_asks_the_registry_at_most_every_poll_interval_and_survives_an_outage():
+    from mlray.serving.multi import LocalWatcher
+
+    cfg = _models(["iris"], follow={"poll_interval_s": 3600})
+    asked: list[str] = []
+    answers: list[object] = [{"champion": 1}, RuntimeError("registry down")]
+
+    def resolve(model_cfg: ServeAppConfig) -> dict[str, int | None]:
+        asked.append(model_cfg.model)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[return-value]
+
+    async def scenario() -> None:
+        watcher = LocalWatcher(cfg.for_model(cfg.entries[0]), resolve=resolve)
+        report = {"replica": "r1", "versions": {"champion": 1}, "failures": {}}
+        assert (await watcher.sync.remote(report))["targets"] == {"champion": 1}
+        assert (await watcher.sync.remote(report))["targets"] == {"champion": 1}  # within the interval: cached
+        assert asked == ["iris"]
+        watcher.asked = -float("inf")  # the interval passed
+        assert (await watcher.sync.remote(report))["targets"] == {"champion": 1}  # outage: keeps the targets
+        status = await watcher.status.remote()
+        assert status["on_target"] and status["replicas"]["r1"]["versions"] == {"champion": 1}
+
+    asyncio.run(scenario())
