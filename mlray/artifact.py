@@ -243,13 +243,15 @@ def load_model_dir(folder: str | Path, *, expected_sha256: str | None = None, de
         model = build(ModelSpec.from_dict(meta["spec"]))
     except Exception as err:  # noqa: BLE001 - a factory that no longer imports or builds
         raise ModelLoadError(f"cannot rebuild the model of {folder}: {err}") from None
-    state: dict[str, Any] = load_file(str(weights))
     target = torch.device(device) if device is not None else default_device()
-    if "variant" in meta:
-        state = _shape_variant(folder, model, meta["variant"], state)
-        target = torch.device("cpu")  # int8 kernels and onnxruntime's provider here are CPU ones
     try:
+        state: dict[str, Any] = load_file(str(weights))
+        if "variant" in meta:
+            state = _shape_variant(folder, model, meta["variant"], state)
+            target = torch.device("cpu")  # int8 kernels and onnxruntime's provider here are CPU ones
         model.load_state_dict(state)
+    except ModelLoadError:
+        raise
     except Exception as err:  # noqa: BLE001 - any failure here means the files do not fit the spec
         raise ModelLoadError(f"weights in {weights} do not fit the model spec: {err}") from None
     model.to(target).eval()

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from mlray import console
+from mlray.cli_compress import compress
 from mlray.cli_monitor import monitor
 from mlray.errors import ConfigError, MlrayError
 
@@ -400,6 +401,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 app.add_typer(monitor, name="monitor")
+app.command()(compress)
 
 
 def main() -> None:
