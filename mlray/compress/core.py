@@ -78,6 +78,10 @@ def compress(name: str, *, version: int, method: str, tolerance: float = 1.0, sp
     """
     check_method(method, sparsity=sparsity)
     parent = get_version(name, version=version, tracking_uri=tracking_uri)
+    if f"{TAG_PREFIX}method" in parent.tags:
+        raise CompressionRefused(
+            f"{name} version {version} is already a {parent.tags[TAG_PREFIX + 'method']} variant of version "
+            f"{parent.tags.get(TAG_PREFIX + 'parent_version', '?')}; compress that version instead")
     mlflow_client = tracking.client(tracking_uri)
     parent_run = mlflow_client.get_run(parent.run_id)
     params, task = parent_run.data.params, parent_run.data.params.get("task", "classification")
@@ -98,10 +102,8 @@ def compress(name: str, *, version: int, method: str, tolerance: float = 1.0, sp
         mlflow_client.log_batch(run_id, params=_params(method, tolerance, sparsity, version))
         with tempfile.TemporaryDirectory(prefix="mlray-compress-") as tmp:
             parent_dir, parent_loaded = _download(parent, Path(tmp) / "parent", tracking_uri=tracking_uri)
-            if parent_loaded.variant != "none":
-                raise CompressionRefused(
-                    f"{name} version {version} is already a {parent_loaded.variant} variant of version "
-                    f"{parent.tags.get(TAG_PREFIX + 'parent_version', '?')}; compress that version instead")
+            if parent_loaded.variant != "none":  # a variant registered without mlray's tags
+                raise CompressionRefused(f"{name} version {version} is already a {parent_loaded.variant} variant")
             folder = Path(tmp) / "variant" / ARTIFACT_KEY
             variant_model = make_variant(parent_loaded.model, method,
                                          VariantInputs(train_x=splits["train"].x, test_x=splits["test"].x,

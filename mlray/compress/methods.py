@@ -7,8 +7,11 @@ format is in :mod:`mlray.compress.variants`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +80,7 @@ def _static_int8(model: StandardizedModel, train_x: np.ndarray) -> nn.Module:
         prepared = variants.static_int8_prepared(model.body, num_features)
     except Exception as err:  # noqa: BLE001 - FX cannot trace the module (data-dependent control flow, ...)
         raise CompressionRefused(f"static-int8 does not apply to this model: torch.fx cannot trace its module "
-                                 f"({type(err).__name__}: {_first_line(err)})") from None
+                                 f"({_first_line(err)})") from None
     rows = torch.from_numpy(np.ascontiguousarray(train_x[:CALIBRATION_ROWS], dtype=np.float32))
     try:
         with torch.no_grad():
@@ -88,20 +91,23 @@ def _static_int8(model: StandardizedModel, train_x: np.ndarray) -> nn.Module:
             converted(model.standardize(rows[:2]))  # an op without a quantized kernel fails here
     except Exception as err:  # noqa: BLE001 - an op that has no int8 kernel
         raise CompressionRefused(f"static-int8 does not apply to this model: an operation cannot run in int8 "
-                                 f"({type(err).__name__}: {_first_line(err)})") from None
+                                 f"({_first_line(err)})") from None
     return converted
 
 
 def _prune(body: nn.Module, sparsity: float) -> None:
-    """Zero the smallest-magnitude ``sparsity`` of each Linear and Conv weight, made permanent (no masks)."""
+    """Zero the smallest-magnitude ``sparsity`` of the Linear and Conv weights, made permanent (no masks)."""
     from torch.nn.utils import prune
 
     layers = [m for m in body.modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)]
     if not layers:
         raise CompressionRefused("prune does not apply to this model: it prunes Linear and Conv weights and the "
                                  "model has none")
+    # Global magnitude: the smallest weights of all layers together, so a small, dense layer (the first one, on
+    # standardised inputs) keeps more of its weights than a large one.
+    prune.global_unstructured([(layer, "weight") for layer in layers], pruning_method=prune.L1Unstructured,
+                              amount=sparsity)
     for layer in layers:
-        prune.l1_unstructured(layer, name="weight", amount=sparsity)
         prune.remove(layer, "weight")  # weight = weight_orig * mask, as a plain parameter again
 
 
@@ -113,8 +119,10 @@ def _onnx(model: StandardizedModel, test_x: np.ndarray, folder: Path) -> nn.Modu
     path = folder / variants.ONNX_FILE
     example = torch.zeros(2, model.spec.num_features)
     try:
-        program = torch.onnx.export(model.body, (example,), dynamo=True, input_names=["x"], output_names=["y"],
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        chatter = io.StringIO()  # the exporter prints its steps, and whole graphs when it fails
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            program = torch.onnx.export(model.body, (example,), dynamo=True, input_names=["x"], output_names=["y"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
         assert program is not None
         program.save(str(path))
         onnx.checker.check_model(str(path))
@@ -122,7 +130,7 @@ def _onnx(model: StandardizedModel, test_x: np.ndarray, folder: Path) -> nn.Modu
     except Exception as err:  # noqa: BLE001 - an op the exporter or onnxruntime does not support
         path.unlink(missing_ok=True)
         raise CompressionRefused(f"onnx does not apply to this model: the export failed "
-                                 f"({type(err).__name__}: {_first_line(err)})") from None
+                                 f"({_first_line(err)})") from None
     rows = torch.from_numpy(np.ascontiguousarray(test_x, dtype=np.float32))
     with torch.no_grad():
         seen = model.standardize(rows)
@@ -138,5 +146,8 @@ def _onnx(model: StandardizedModel, test_x: np.ndarray, folder: Path) -> nn.Modu
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else ""
+    """The first line of the innermost cause (the exporter wraps torch.export's error in its own)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"

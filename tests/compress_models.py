@@ -1,0 +1,57 @@
+"""A model trained in this process and registered as ``mlray train`` would, for compression tests and bench.
+
+Training runs the worker's own step (:func:`mlray.loop.train_epoch`) on the same digits splits a job with
+that config uses, and the MLflow run gets the params and data tags a training run logs, so that
+``mlray.compress`` finds the parent's test split exactly as it would for a version trained on Ray.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def train_and_register(name: str, *, model: dict[str, Any], epochs: int = 8, lr: float = 3e-3,
+                       seed: int = 42) -> int:
+    """Train ``model`` (a job config's ``model`` section) on digits and register it; returns the version."""
+    from mlflow.entities import Param
+
+    from mlray import tracking
+    from mlray.artifact import ARTIFACT_KEY, write_model_dir
+    from mlray.config import parse_config
+    from mlray.data import local_splits
+    from mlray.loop import train_epoch
+    from mlray.models import ModelSpec, build
+    from mlray.registry import register
+    from mlray.train import _flatten
+
+    cfg = parse_config({"name": name, "seed": seed, "model": model, "train": {"epochs": epochs, "lr": lr}})
+    rows, fingerprint = local_splits(cfg.data, seed=cfg.seed)
+    x, y = (torch.from_numpy(a) for a in rows["train"])
+    spec = ModelSpec(factory=cfg.model.factory_path, num_features=64, num_outputs=10,
+                     kwargs=cfg.model.factory_kwargs)
+    torch.manual_seed(seed)
+    net = build(spec)
+    net.standardize.fit(x.mean(0).tolist(), x.std(0, unbiased=False).tolist())
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=generator)
+        train_epoch(net, optimizer, [(x[order[i : i + 64]], y[order[i : i + 64]]) for i in range(0, len(y), 64)])
+
+    client = tracking.client()
+    tags = {"data.fingerprint": fingerprint, "data.name": "digits"}
+    run_id = client.create_run(tracking.experiment_id(cfg.experiment_name), tags=tags).info.run_id
+    client.log_batch(run_id, params=[Param(k, v) for k, v in _flatten(cfg.model_dump(mode="json")).items()])
+    features, classes = [f"pixel_{i}" for i in range(64)], [str(c) for c in range(10)]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / ARTIFACT_KEY
+        meta = write_model_dir(folder, model=net, feature_names=features, class_names=classes,
+                               extra={"run_id": run_id, "data": "digits"})
+        uri = tracking.log_model(run_id, folder, feature_names=features, example=rows["test"][0][:2])
+    client.set_terminated(run_id, "FINISHED")
+    return register(name, model_uri=uri, run_id=run_id,
+                    tags={**tags, "mlray.weights_sha256": meta["weights_sha256"], "mlray.run_id": run_id}).version
