@@ -1,8 +1,8 @@
 """A model trained in this process and registered as ``mlray train`` would, for compression tests and bench.
 
-Training runs the worker's own step (:func:`mlray.loop.train_epoch`) on the same digits splits a job with
-that config uses, and the MLflow run gets the params and data tags a training run logs, so that
-``mlray.compress`` finds the parent's test split exactly as it would for a version trained on Ray.
+Training runs the worker's own step (:func:`mlray.loop.train_epoch`) on the splits a job with that config
+uses (:func:`mlray.data.local_splits`), and the MLflow run gets the params and data tags a training run logs,
+so that ``mlray.compress`` finds the parent's test split exactly as it would for a version trained on Ray.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 
-def train_and_register(name: str, *, model: dict[str, Any], epochs: int = 8, lr: float = 3e-3,
-                       seed: int = 42) -> int:
-    """Train ``model`` (a job config's ``model`` section) on digits and register it; returns the version."""
+def train_and_register(name: str, *, model: dict[str, Any], epochs: int = 8, lr: float = 3e-3, seed: int = 42,
+                       data: dict[str, Any] | None = None, task: str = "classification") -> int:
+    """Train ``model`` (a job config's ``model`` section) on ``data`` (default digits); returns the version."""
     from mlflow.entities import Param
 
     from mlray import tracking
@@ -28,29 +28,36 @@ def train_and_register(name: str, *, model: dict[str, Any], epochs: int = 8, lr:
     from mlray.registry import register
     from mlray.train import _flatten
 
-    cfg = parse_config({"name": name, "seed": seed, "model": model, "train": {"epochs": epochs, "lr": lr}})
-    rows, fingerprint = local_splits(cfg.data, seed=cfg.seed)
+    cfg = parse_config({"name": name, "seed": seed, "task": task, "data": data or {"source": "digits"},
+                        "model": model, "train": {"epochs": epochs, "lr": lr}})
+    rows, fingerprint = local_splits(cfg.data, seed=cfg.seed, task=task)
     x, y = (torch.from_numpy(a) for a in rows["train"])
-    spec = ModelSpec(factory=cfg.model.factory_path, num_features=64, num_outputs=10,
-                     kwargs=cfg.model.factory_kwargs)
+    regression = task == "regression"
+    outputs = 1 if regression else int(max(int(part[1].max()) for part in rows.values())) + 1
+    spec = ModelSpec(factory=cfg.model.factory_path, num_features=x.shape[1], num_outputs=outputs,
+                     kwargs=cfg.model.factory_kwargs, task=task)
     torch.manual_seed(seed)
     net = build(spec)
     net.standardize.fit(x.mean(0).tolist(), x.std(0, unbiased=False).tolist())
+    if net.target is not None:
+        net.target.fit([float(y.mean())], [float(y.std(unbiased=False))])
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=generator)
-        train_epoch(net, optimizer, [(x[order[i : i + 64]], y[order[i : i + 64]]) for i in range(0, len(y), 64)])
+        train_epoch(net, optimizer, [(x[order[i : i + 64]], y[order[i : i + 64]]) for i in range(0, len(y), 64)],
+                    task=task, loss=cfg.loss)
 
     client = tracking.client()
-    tags = {"data.fingerprint": fingerprint, "data.name": "digits"}
+    tags = {"data.fingerprint": fingerprint, "data.name": Path(cfg.data.source).name}
     run_id = client.create_run(tracking.experiment_id(cfg.experiment_name), tags=tags).info.run_id
     client.log_batch(run_id, params=[Param(k, v) for k, v in _flatten(cfg.model_dump(mode="json")).items()])
-    features, classes = [f"pixel_{i}" for i in range(64)], [str(c) for c in range(10)]
+    features = [f"pixel_{i}" for i in range(x.shape[1])]
+    classes = [] if regression else [str(c) for c in range(outputs)]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / ARTIFACT_KEY
         meta = write_model_dir(folder, model=net, feature_names=features, class_names=classes,
-                               extra={"run_id": run_id, "data": "digits"})
+                               extra={"run_id": run_id, "data": tags["data.name"]})
         uri = tracking.log_model(run_id, folder, feature_names=features, example=rows["test"][0][:2])
     client.set_terminated(run_id, "FINISHED")
     return register(name, model_uri=uri, run_id=run_id,

@@ -134,10 +134,14 @@ def compress(name: str, *, version: int, method: str, tolerance: float = 1.0, sp
                         **{f"{TAG_PREFIX}{key}": f"{value:.6g}" for key, value in figures.items()}}
         version_tags.pop("mlflow.parentRunId")
         registered = register(name, model_uri=model_uri, run_id=run_id, tags=version_tags,
-                              tracking_uri=tracking_uri)
-        mlflow_client.set_tag(run_id, f"{TAG_PREFIX}outcome", f"registered as version {registered.version}")
-        mlflow_client.set_tag(run_id, "mlray.weights_sha256", str(meta["weights_sha256"]))
-        mlflow_client.set_terminated(run_id, "FINISHED")
+                              tracking_uri=tracking_uri)  # all or nothing itself
+        try:
+            mlflow_client.set_tag(run_id, f"{TAG_PREFIX}outcome", f"registered as version {registered.version}")
+            mlflow_client.set_tag(run_id, "mlray.weights_sha256", str(meta["weights_sha256"]))
+            mlflow_client.set_terminated(run_id, "FINISHED")
+        except BaseException:
+            mlflow_client.delete_model_version(name, str(registered.version))  # no version without its record
+            raise
     except CompressionRefused as err:
         if mlflow_client.get_run(run_id).info.status == "RUNNING":  # a method that does not apply
             mlflow_client.set_tag(run_id, f"{TAG_PREFIX}outcome", "refused")
@@ -196,8 +200,7 @@ def _download(info: VersionInfo, target: Path, *, tracking_uri: str | None) -> t
 def _figures(parent: LoadedModel, parent_dir: Path, variant: LoadedModel, variant_dir: Path, test: measure.Split,
              *, loss: str, task: str) -> dict[str, float]:
     """The variant's figures, the parent's (prefixed parent_), and the ratios and differences between them."""
-    mine = measure.figures(variant, variant_dir, test, loss=loss)
-    theirs = measure.figures(parent, parent_dir, test, loss=loss)
+    mine, theirs = measure.figures([(variant, variant_dir), (parent, parent_dir)], test, loss=loss)
     metric = measure.task_metric(task)
     out = {**mine, **{f"parent_{key}": value for key, value in theirs.items()}}
     out["metric_loss_points"] = measure.metric_loss_points(task, theirs[metric], mine[metric])

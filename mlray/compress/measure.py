@@ -60,19 +60,26 @@ def test_metrics(loaded: LoadedModel, test: Split, *, loss: str = "cross_entropy
     return {key: float(value) for key, value in out.items() if key.startswith("test_") and key != "test_count"}
 
 
-def latency_ms(loaded: LoadedModel, rows: np.ndarray) -> dict[int, float]:
-    """Median milliseconds of ``loaded.predict`` at each batch size in :data:`LATENCY_BATCHES`."""
-    figures = {}
+def latency_ms(models: list[LoadedModel], rows: np.ndarray) -> list[dict[int, float]]:
+    """Median milliseconds of ``predict`` at each batch size in :data:`LATENCY_BATCHES`, for each model.
+
+    The models' timed calls alternate (one call each, in turn), so a change in the machine's load while
+    measuring (other processes on a shared host) falls on all of them alike.
+    """
+    figures: list[dict[int, float]] = [{} for _ in models]
     for size in LATENCY_BATCHES:
         batch = np.ascontiguousarray(np.resize(rows, (size, rows.shape[1])), dtype=np.float32)
-        for _ in range(WARMUP_CALLS):
-            loaded.predict(batch)
-        times = []
+        for loaded in models:
+            for _ in range(WARMUP_CALLS):
+                loaded.predict(batch)
+        times: list[list[float]] = [[] for _ in models]
         for _ in range(TIMED_CALLS[size]):
-            started = time.perf_counter()
-            loaded.predict(batch)
-            times.append(time.perf_counter() - started)
-        figures[size] = 1000.0 * statistics.median(times)
+            for index, loaded in enumerate(models):
+                started = time.perf_counter()
+                loaded.predict(batch)
+                times[index].append(time.perf_counter() - started)
+        for index, seconds in enumerate(times):
+            figures[index][size] = 1000.0 * statistics.median(seconds)
     return figures
 
 
@@ -81,11 +88,14 @@ def size_bytes(folder: Path) -> int:
     return sum((folder / name).stat().st_size for name in (WEIGHTS_FILE, ONNX_FILE) if (folder / name).is_file())
 
 
-def figures(loaded: LoadedModel, folder: Path, test: Split, *, loss: str = "cross_entropy"
-            ) -> dict[str, float]:
-    """Metrics, size and latency of one model, with plain names (the caller prefixes the parent's)."""
-    out = test_metrics(loaded, test, loss=loss)
-    out["size_bytes"] = float(size_bytes(folder))
-    for size, ms in latency_ms(loaded, test.x).items():
-        out[f"latency_ms_b{size}"] = ms
+def figures(models: list[tuple[LoadedModel, Path]], test: Split, *, loss: str = "cross_entropy"
+            ) -> list[dict[str, float]]:
+    """Metrics, size and latency of each (model, folder), with plain names; latency measured side by side."""
+    out = []
+    for loaded, folder in models:
+        found = test_metrics(loaded, test, loss=loss)
+        found["size_bytes"] = float(size_bytes(folder))
+        out.append(found)
+    for found, latency in zip(out, latency_ms([loaded for loaded, _ in models], test.x), strict=True):
+        found.update({f"latency_ms_b{size}": ms for size, ms in latency.items()})
     return out

@@ -255,3 +255,27 @@ def test_sizes_count_the_onnx_graph(tmp_path):
     (tmp_path / "body.onnx").write_bytes(b"x" * 5)
     assert size_bytes(tmp_path) == 15
     shutil.rmtree(tmp_path)
+
+
+def test_a_regressor_on_a_csv_file_is_gated_on_rmse(store, tmp_path_factory):
+    import pandas as pd
+
+    from mlray.compress import compress
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 6))
+    table = pd.DataFrame(x, columns=[f"f{i}" for i in range(6)])
+    table["target"] = x @ np.arange(1, 7) + 50.0 + rng.normal(scale=0.1, size=600)
+    path = tmp_path_factory.mktemp("regression") / "rows.csv"
+    table.to_csv(path, index=False)
+    version = train_and_register("reg", task="regression", epochs=15, model={"hidden": [32], "dropout": 0.0},
+                                 data={"source": str(path), "label_column": "target"})
+    result = compress("reg", version=version, method="fp16", tolerance=5.0)
+    assert result.figures["test_rmse"] > 0 and abs(result.figures["metric_loss_points"]) < 5.0
+    with pytest.raises(CompressionRefused, match=r"test_rmse .* vs .* of version 1 \(.* points lost, tolerance 0"):
+        compress("reg", version=version, method="prune", sparsity=0.9, tolerance=0.0)
+    table.iloc[:10].to_csv(path, index=False)  # the data changed since training: not the same test split
+    from mlray.errors import DataError
+
+    with pytest.raises(DataError, match="the data changed, so its test split is not the same"):
+        compress("reg", version=version, method="fp16")
