@@ -51,7 +51,9 @@ def train_and_register(name: str, *, model: dict[str, Any], epochs: int = 8, lr:
     client = tracking.client()
     tags = {"data.fingerprint": fingerprint, "data.name": Path(cfg.data.source).name}
     run_id = client.create_run(tracking.experiment_id(cfg.experiment_name), tags=tags).info.run_id
-    client.log_batch(run_id, params=[Param(k, v) for k, v in _flatten(cfg.model_dump(mode="json")).items()])
+    params = _flatten(cfg.model_dump(mode="json"))  # as train._log_params, with the data's own figures
+    params.update({"data.num_features": str(x.shape[1]), "data.num_classes": str(0 if regression else outputs)})
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
     features = [f"pixel_{i}" for i in range(x.shape[1])]
     classes = [] if regression else [str(c) for c in range(outputs)]
     with tempfile.TemporaryDirectory() as tmp:

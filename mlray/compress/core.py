@@ -165,9 +165,9 @@ def _param(params: dict[str, str], key: str) -> str | None:
 def _splits(params: dict[str, str], fingerprint: str | None, *, name: str, version: int, task: str
             ) -> dict[str, measure.Split]:
     """The parent run's splits, from the data config it logged, checked against its data fingerprint."""
-    fields = {"source": _param(params, "data.source"), "label_column": _param(params, "data.label_column"),
-              "num_classes": _param(params, "data.num_classes"), "val_fraction": _param(params, "data.val_fraction"),
-              "test_fraction": _param(params, "data.test_fraction")}
+    # Not data.num_classes: the run logs the data's class count under that key (train._log_params), and the
+    # rows and their split do not depend on it.
+    fields = {key: _param(params, f"data.{key}") for key in ("source", "label_column", "val_fraction", "test_fraction")}
     if fields["source"] is None or _param(params, "seed") is None:
         raise CompressionRefused(f"{name} version {version}: its run records no data.source and seed, so its "
                                  "test split cannot be rebuilt (was it trained by mlray?)")
