@@ -45,7 +45,7 @@ def main() -> None:
     from mlray.compress import compress
     from tests.compress_models import train_and_register
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {os.cpu_count()} CPUs")
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; latency with one intra-op thread, as a replica")
     header = ("| model  | method       | bytes: parent -> variant | size x | ms b1: parent -> variant | x b1 "
               "| ms b64: parent -> variant | x b64 | accuracy: parent -> variant | change (points) |")
     rows = [header, "|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|"]

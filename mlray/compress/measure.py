@@ -2,7 +2,8 @@
 
 The metric comes from :func:`mlray.loop.evaluate_test_split`, the code that evaluates training, over the
 parent's held-out test split. Latency goes through :meth:`mlray.artifact.LoadedModel.predict` (what a
-Serve replica calls): the median of repeated timed calls after warm-up, at batch 1 and batch 64.
+Serve replica calls, with one intra-op thread as a replica has): the median of repeated timed calls after
+warm-up, at batch 1 and batch 64.
 """
 
 from __future__ import annotations
@@ -63,9 +64,18 @@ def test_metrics(loaded: LoadedModel, test: Split, *, loss: str = "cross_entropy
 def latency_ms(models: list[LoadedModel], rows: np.ndarray) -> list[dict[int, float]]:
     """Median milliseconds of ``predict`` at each batch size in :data:`LATENCY_BATCHES`, for each model.
 
-    The models' timed calls alternate (one call each, in turn), so a change in the machine's load while
-    measuring (other processes on a shared host) falls on all of them alike.
+    One intra-op thread, as a replica runs. The models' timed calls alternate (one call each, in turn), so
+    a change in the machine's load while measuring (other processes on a shared host) falls on all alike.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a Serve replica runs (mlray/serving/app.py); onnxruntime's session uses one too
+    try:
+        return _alternating(models, rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _alternating(models: list[LoadedModel], rows: np.ndarray) -> list[dict[int, float]]:
     figures: list[dict[int, float]] = [{} for _ in models]
     for size in LATENCY_BATCHES:
         batch = np.ascontiguousarray(np.resize(rows, (size, rows.shape[1])), dtype=np.float32)
