@@ -87,9 +87,7 @@ def compress(name: str, *, version: int, method: str, tolerance: float = 1.0, sp
     params, task = parent_run.data.params, parent_run.data.params.get("task", "classification")
     gate = ToleranceGate(tolerance=tolerance, task=task)
     splits = _splits(params, parent_run.data.tags.get("data.fingerprint"), name=name, version=version, task=task)
-    loss = params.get("train.loss") or ("cross_entropy" if task == "classification" else "mse")
-    if loss == "None":
-        loss = "cross_entropy" if task == "classification" else "mse"
+    loss = _param(params, "train.loss") or ("cross_entropy" if task == "classification" else "mse")
 
     tags = {**tracking.lineage_tags(), "mlflow.parentRunId": parent.run_id, f"{TAG_PREFIX}method": method,
             f"{TAG_PREFIX}parent_version": str(version), f"{TAG_PREFIX}parent_run_id": parent.run_id}
@@ -112,7 +110,8 @@ def compress(name: str, *, version: int, method: str, tolerance: float = 1.0, sp
                                    class_names=parent_loaded.class_names,
                                    extra={"run_id": run_id, "data": parent_loaded.meta.get("data")},
                                    variant={"method": method, "parent_version": version,
-                                            "parent_run_id": parent.run_id, "sparsity": sparsity})
+                                            "parent_run_id": parent.run_id,
+                                            **({"sparsity": sparsity} if method == "prune" else {})})
             variant_loaded = load_model_dir(folder, device="cpu")  # measured as it will be served: from its files
             figures = _figures(parent_loaded, parent_dir, variant_loaded, folder, splits["test"], loss=loss,
                                task=task)
