@@ -19,6 +19,7 @@ import typer
 from mlray import console
 from mlray.cli_compress import compress
 from mlray.cli_monitor import monitor
+from mlray.cli_pipeline import lineage, pipeline
 from mlray.errors import ConfigError, MlrayError
 
 app = typer.Typer(no_args_is_help=True, help="Train on Ray, track in MLflow, serve on Ray Serve.",
@@ -401,6 +402,8 @@ def run(argv: list[str] | None = None) -> int:
 
 
 app.add_typer(monitor, name="monitor")
+app.add_typer(pipeline, name="pipeline")
+app.command("lineage")(lineage)
 app.command()(compress)
 
 

@@ -19,6 +19,17 @@ logger = logging.getLogger(__name__)
 
 GATE_TAG_PREFIX = "mlray.gate."
 PROMOTION_TAG_PREFIX = "mlray.promotion."
+# A registered model's tag: the share of requests its challenger answers, set by a canary at run time and
+# read by the serving app's watcher (it wins over the app's static challenger.weight).
+CHALLENGER_WEIGHT_TAG = "mlray.challenger_weight"
+# A version's tags that say where it came from (training writes the first six, a pipeline the rest).
+LINEAGE_TAGS = ("mlray.run_id", "data.name", "data.fingerprint", "git.commit", "mlray.version", "ray.job_id",
+                "mlray.pipeline.id", "mlray.pipeline.run_id", "mlray.compressed_from")
+
+
+def lineage_of(info: VersionInfo) -> dict[str, str]:
+    """The lineage tags a version has (see :data:`LINEAGE_TAGS`)."""
+    return {key: info.tags[key] for key in LINEAGE_TAGS if key in info.tags}
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,36 @@ def list_models(*, tracking_uri: str | None = None) -> list[dict[str, Any]]:
         out.append({"name": model.name, "aliases": dict(model.aliases or {}),
                     "versions": [v.to_dict() for v in infos]})
     return out
+
+
+def challenger_weight(name: str, *, tracking_uri: str | None = None) -> float | None:
+    """The registry's challenger weight for ``name`` (:data:`CHALLENGER_WEIGHT_TAG`), or None when unset."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client(tracking_uri).get_registered_model(name).tags or {}
+    except MlflowException:
+        return None
+    raw = tags.get(CHALLENGER_WEIGHT_TAG)
+    try:
+        return min(1.0, max(0.0, float(raw))) if raw not in (None, "") else None
+    except ValueError:
+        logger.warning("Ignoring %s=%r on %s: not a number", CHALLENGER_WEIGHT_TAG, raw, name)
+        return None
+
+
+def set_challenger_weight(name: str, weight: float | None, *, tracking_uri: str | None = None) -> None:
+    """Set (or, with None, remove) the challenger's share of requests; apps follow at their next poll."""
+    mlflow_client = client(tracking_uri)
+    if weight is None:
+        try:
+            mlflow_client.delete_registered_model_tag(name, CHALLENGER_WEIGHT_TAG)
+        except Exception:  # noqa: BLE001 - already unset
+            pass
+        return
+    if not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"challenger weight must be within [0, 1], got {weight}")
+    mlflow_client.set_registered_model_tag(name, CHALLENGER_WEIGHT_TAG, str(weight))
 
 
 @dataclass(frozen=True)

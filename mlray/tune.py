@@ -55,16 +55,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], parent_run_id: str, 
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mlray.train import (
-        MODEL_URI_TAG,
-        _fail_run,
-        _fit,
-        _log_params,
-        _open_run,
-        _prepare,
-        _record_results,
-        runs_named,
-    )
+    from mlray.training_run import MODEL_URI_TAG, TrainingRun, runs_named
 
     trial_id = tune.get_context().get_trial_id()
     run_name = f"{sweep_name}-{trial_id}"
@@ -79,20 +70,13 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], parent_run_id: str, 
         return
     overrides = {**params, "train.run_name": run_name}
     cfg = parse_config(base, overrides=overrides, origin=f"(trial {trial_id})")
-    prepared = _prepare(cfg)
-    tags = {**tracking.lineage_tags(), SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id,
-            "data.fingerprint": prepared.data.spec.fingerprint}
-    run_id, reopened = _open_run(cfg, experiment_id=experiment_id, tags=tags, mlflow_run_name=trial_id,
-                                 parent_run_id=parent_run_id)
-    try:
-        if not reopened:
-            _log_params(run_id, cfg, prepared, extra={f"trial.{k}": v for k, v in params.items()})
-        final, state = _fit(cfg, prepared, run_id, callbacks=[TuneReportCallback()])
-        _record_results(run_id, prepared, final, state)
-        tracking.client().set_terminated(run_id, "FINISHED")
-    except BaseException as err:
-        _fail_run(run_id, cfg, err)
-        raise
+    run = TrainingRun.open(cfg, experiment_id=experiment_id, mlflow_run_name=trial_id, parent_run_id=parent_run_id,
+                           tags={**tracking.lineage_tags(), SWEEP_TAG: sweep_name, TRIAL_TAG: trial_id})
+    with run.failing():
+        run.log_params(extra={f"trial.{k}": v for k, v in params.items()})
+        final, state = run.fit(callbacks=[TuneReportCallback()])
+        run.record(final, state)
+        run.finish()
 
 
 def release_orphaned_placement_groups() -> list[str]:

@@ -26,7 +26,7 @@ def train_and_register(name: str, *, model: dict[str, Any], epochs: int = 8, lr:
     from mlray.loop import train_epoch
     from mlray.models import ModelSpec, build
     from mlray.registry import register
-    from mlray.train import _flatten
+    from mlray.training_run import flat_params
 
     cfg = parse_config({"name": name, "seed": seed, "task": task, "data": data or {"source": "digits"},
                         "model": model, "train": {"epochs": epochs, "lr": lr}})
@@ -51,7 +51,7 @@ def train_and_register(name: str, *, model: dict[str, Any], epochs: int = 8, lr:
     client = tracking.client()
     tags = {"data.fingerprint": fingerprint, "data.name": Path(cfg.data.source).name}
     run_id = client.create_run(tracking.experiment_id(cfg.experiment_name), tags=tags).info.run_id
-    params = _flatten(cfg.model_dump(mode="json"))  # as train._log_params, with the data's own figures
+    params = flat_params(cfg.model_dump(mode="json"))  # as TrainingRun.log_params, with the data's own figures
     params.update({"data.num_features": str(x.shape[1]), "data.num_classes": str(0 if regression else outputs)})
     client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
     features = [f"pixel_{i}" for i in range(x.shape[1])]

@@ -47,8 +47,9 @@ class SteadyLoad:
 
     def __init__(self, url: str, *, row: list[float], threads: int = 2, max_requests: int = 20_000,
                  max_seconds: float = 180.0, headers: dict[str, str] | None = None, retry_on_503: bool = False,
-                 pause_s: float = 0.0) -> None:
+                 pause_s: float = 0.0, retry_on_500: bool = False) -> None:
         self.url, self.row, self.headers, self.retry_on_503 = url, row, headers or {}, retry_on_503
+        self.retry_on_500 = retry_on_500  # a client that retries a server error at once (a canary's failures)
         self.max_requests, self.deadline, self.pause_s = max_requests, time.monotonic() + max_seconds, pause_s
         self.results: list[tuple[int, str, str]] = []
         self._thread_of: list[int] = []  # which client thread got each result
@@ -82,6 +83,10 @@ class SteadyLoad:
                 with self._lock:
                     self.retries += 1
                 time.sleep(min(float(response.headers.get("retry-after", "1") or 1), 0.5))
+                continue
+            if response.status_code == 500 and self.retry_on_500 and attempt < 19:
+                with self._lock:
+                    self.retries += 1
                 continue
             if response.status_code != 200:
                 return (response.status_code, response.text[:300], "")

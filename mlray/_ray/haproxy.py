@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import socket
 import stat
@@ -131,7 +132,33 @@ def write_wrapper(path: Path) -> Path:
     return path
 
 
-def _free_port() -> int:
+# HAProxy binds its ports long after the head chose them (at Serve's first start, and again on every reload).
+# A port from the kernel's ephemeral range can be taken meanwhile by any outgoing connection ("cannot bind
+# socket ... Address already in use" was seen); ports below it are only ever taken by a listener that asks
+# for them. Ray's workers use 10002-19999 by default and Serve's direct ingress 30000-31000.
+RESERVED_PORTS = range(20000, 30000)
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = (int(part) for part in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+    return range(low, high + 1)
+
+
+def _free_port(candidates: range = RESERVED_PORTS, *, besides: set[int] | None = None) -> int:
+    """A free loopback port outside the ephemeral range and not in ``besides`` (any free port if none is)."""
+    ephemeral, besides = _ephemeral_ports(), besides or set()
+    for port in random.sample(candidates, k=min(200, len(candidates))):
+        if port in ephemeral or port in besides:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -144,12 +171,16 @@ def haproxy_env(rundir: Path) -> dict[str, str]:
     rundir.mkdir(parents=True, exist_ok=True)
     rundir.chmod(0o700)
     wrapper = write_wrapper(rundir / "haproxy-loopback")
+    ports: list[int] = []
+    for _ in range(4):
+        ports.append(_free_port(besides=set(ports)))
+    stats, metrics, http, grpc = ports
     return {
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(http),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(grpc),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(rundir / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(rundir / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(rundir),
@@ -177,7 +208,8 @@ def render_ray_template(folder: Path, *, stats_port: int, metrics_port: int) -> 
 def rewrite_ray_template(folder: Path) -> tuple[str, list[str]]:
     """Ray's real config, rewritten by the wrapper and checked by the real HAProxy (``-c``); returns the
     rewritten text and the names of the active rules that did not take effect."""
-    stats, metrics = _free_port(), _free_port()
+    stats = _free_port()
+    metrics = _free_port(besides={stats})
     config = render_ray_template(folder, stats_port=stats, metrics_port=metrics)
     wrapper = write_wrapper(folder / "haproxy-loopback")
     env = {"PATH": "/usr/bin:/bin", "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),

@@ -164,7 +164,7 @@ def _param(params: dict[str, str], key: str) -> str | None:
 def _splits(params: dict[str, str], fingerprint: str | None, *, name: str, version: int, task: str
             ) -> dict[str, measure.Split]:
     """The parent run's splits, from the data config it logged, checked against its data fingerprint."""
-    # Not data.num_classes: the run logs the data's class count under that key (train._log_params), and the
+    # Not data.num_classes: the run logs the data's class count under that key (TrainingRun.log_params), and the
     # rows and their split do not depend on it.
     fields = {key: _param(params, f"data.{key}") for key in ("source", "label_column", "val_fraction", "test_fraction")}
     if fields["source"] is None or _param(params, "seed") is None:

@@ -148,6 +148,13 @@ class _FollowedModels:
     def record_shadow(self, record: dict[str, Any]) -> None:
         self.follower.record_shadow(record)
 
+    def record_call(self, role: str, version: int, seconds: float, *, ok: bool) -> None:
+        self.follower.record_call(role, version, seconds, ok=ok)
+
+    @property
+    def challenger_weight(self) -> float | None:
+        return self.follower.challenger_weight
+
     async def rollout_status(self) -> dict[str, Any]:
         return cast(dict[str, Any], await self.follower.watcher.status.remote())
 

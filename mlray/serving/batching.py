@@ -84,5 +84,9 @@ class MicroBatcher(Generic[Item, Result]):
                     future.set_exception(err)
             return
         for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
+            if future.done():
+                continue
+            if isinstance(result, BaseException):  # this item's own failure: the others keep their answers
+                future.set_exception(result)
+            else:
                 future.set_result(result)

@@ -23,6 +23,7 @@ import numpy as np
 
 import mlray
 from mlray.errors import InvalidInput, NotFound
+from mlray.registry import lineage_of
 from mlray.serving import oip, outputs
 from mlray.serving.admission import Admission
 from mlray.serving.batching import MicroBatcher
@@ -54,6 +55,11 @@ class Models(Protocol):
     def failures(self) -> dict[str, str]: ...
 
     def record_shadow(self, record: dict[str, Any]) -> None: ...
+
+    def record_call(self, role: str, version: int, seconds: float, *, ok: bool) -> None: ...
+
+    @property
+    def challenger_weight(self) -> float | None: ...
 
     async def rollout_status(self) -> dict[str, Any]: ...
 
@@ -98,7 +104,9 @@ class PredictionCore:
             return "champion"
         key = headers.get(challenger.sticky_header.lower())
         draw = bucket(key) if key else random.random()
-        return "challenger" if draw < challenger.weight else "champion"
+        # A weight set in the registry (a canary's current step) wins over the app's static one.
+        live = self.versions.challenger_weight
+        return "challenger" if draw < (challenger.weight if live is None else live) else "champion"
 
     def _observe_batch(self, rows: int, served: ServedModel) -> None:
         if self.metrics is not None:
@@ -106,14 +114,19 @@ class PredictionCore:
 
     def _predict_batch(self, calls: list[tuple[ServedModel, np.ndarray]]) -> list[np.ndarray]:
         # Requests that arrived together, perhaps for different versions: one model call per version.
-        out: list[np.ndarray | None] = [None] * len(calls)
+        out: list[np.ndarray | Exception | None] = [None] * len(calls)
         groups: dict[int, list[int]] = {}
         for i, (served, _) in enumerate(calls):
             groups.setdefault(id(served), []).append(i)
         for indices in groups.values():
             served = calls[indices[0]][0]
             arrays = [calls[i][1] for i in indices]
-            probabilities = served.loaded.predict(np.concatenate(arrays))  # (sum N, K)
+            try:
+                probabilities = served.loaded.predict(np.concatenate(arrays))  # (sum N, K)
+            except Exception as err:  # noqa: BLE001 - one version failing (a canary) fails only its own requests
+                for i in indices:
+                    out[i] = err  # the batcher raises it for that caller
+                continue
             self._observe_batch(len(probabilities), served)
             for i, part in zip(indices, np.split(probabilities, np.cumsum([len(a) for a in arrays])[:-1]),
                                strict=True):
@@ -138,7 +151,15 @@ class PredictionCore:
             x, parsed = protocol.parse(await call.read_body(), call.headers, self.champion.loaded, self.limits)
             role = self.choose(call.headers)
             served = self.versions.models[role]
-            probabilities = await self.admission.run(self.run_model(served, x), left_s=left_s)
+            started = time.perf_counter()
+            try:
+                probabilities = await self.admission.run(self.run_model(served, x), left_s=left_s)
+            except Exception as err:
+                # Counted per role for a canary's decision: a 5xx is the version's failure, a 4xx the input's.
+                ok = getattr(err, "status_code", 500) < 500
+                self.versions.record_call(role, served.info.version, time.perf_counter() - started, ok=ok)
+                raise
+            self.versions.record_call(role, served.info.version, time.perf_counter() - started, ok=True)
         if not np.isfinite(probabilities).all():
             # JSON has no NaN. Every version passed a finite warm-up, so it is this input: values near float32's
             # limit overflow the network. A 4xx naming the rows, not a bare 500.
@@ -191,7 +212,7 @@ class PredictionCore:
         info, loaded = served.info, served.loaded
         body = {
             "name": info.name, "ready": True, "version": info.version, "alias": served.alias,
-            "run_id": info.run_id, "metrics": info.metrics,
+            "run_id": info.run_id, "metrics": info.metrics, "lineage": lineage_of(info),
             "inputs": {"num_features": loaded.num_features, "feature_names": loaded.feature_names, "dtype": "float32"},
             "classes": loaded.class_names, "task": loaded.task, "device": str(loaded.device),
             "variant": loaded.variant,

@@ -28,6 +28,7 @@ from ray import serve
 from mlray.errors import ModelLoadError, NotFound
 from mlray.serving.config import ServeAppConfig
 from mlray.serving.loader import ServedModel, load_registered
+from mlray.serving.traffic import TrafficCounter, merge
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +54,19 @@ def resolve_targets(cfg: ServeAppConfig) -> dict[str, int | None]:
     return targets
 
 
+def resolve_weight(cfg: ServeAppConfig) -> float | None:
+    """The challenger's share of requests set in the registry (a canary's step), or None: the app's own."""
+    from mlray.registry import challenger_weight
+
+    return challenger_weight(cfg.model, tracking_uri=cfg.tracking_uri) if cfg.challenger is not None else None
+
+
 @serve.deployment(name=WATCHER_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 class RegistryWatcher:
     async def __init__(self, settings: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
         self.cfg = ServeAppConfig.model_validate(settings)
         self.targets = await asyncio.to_thread(resolve_targets, self.cfg)  # NotFound here fails the deploy
+        self.challenger_weight = await asyncio.to_thread(resolve_weight, self.cfg)
         self.last_good: dict[str, int] = {}
         self.replicas: dict[str, dict[str, Any]] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=100)
@@ -83,9 +92,13 @@ class RegistryWatcher:
 
     async def refresh(self) -> dict[str, int | None]:
         targets = await asyncio.to_thread(resolve_targets, self.cfg)
+        weight = await asyncio.to_thread(resolve_weight, self.cfg)
         if targets != self.targets:
             self._event(f"registry moved: {self.targets} -> {targets}")
             self.targets = targets
+        if weight != self.challenger_weight:
+            self._event(f"challenger weight: {self.challenger_weight} -> {weight}")
+            self.challenger_weight = weight
         return targets
 
     async def sync(self, report: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +117,14 @@ class RegistryWatcher:
             self.shadow.append(record)
             self.shadow_total += 1
             self.shadow_agreed += int(record["agree"])
-        return {"targets": self.targets, "last_good": self.last_good}
+        return {"targets": self.targets, "last_good": self.last_good, "challenger_weight": self.challenger_weight}
+
+    def traffic(self) -> dict[str, Any]:
+        """Requests, 5xx errors and latency histogram per ``role:vN``, summed over every replica's last report
+        (cumulative: a replica that went away keeps its counts), with the weight each live replica applies."""
+        return {"counts": merge([r.get("traffic", {}) for r in self.replicas.values()]),
+                "challenger_weight": self.challenger_weight,
+                "applied_weights": {k: r.get("challenger_weight") for k, r in self._live().items()}}
 
     def _live(self) -> dict[str, dict[str, Any]]:
         horizon = max(5.0, 3 * self.cfg.follow.sync_interval_s)
@@ -145,6 +165,7 @@ class RegistryWatcher:
                                    "pid": r.get("pid")}
                          for replica, r in live.items()},
             "on_target": bool(live) and on_target, "failures": failures,
+            "challenger_weight": self.challenger_weight,
             "shadow": {"compared": self.shadow_total, "agreed": self.shadow_agreed},
             "events": list(self.events)[-20:],
         }
@@ -206,22 +227,29 @@ class Follower:
         self.failures: dict[str, str] = {}  # "role:vN" -> error
         self._failed_at: dict[str, float] = {}
         self._shadow_out: list[dict[str, Any]] = []
+        self.traffic: dict[str, TrafficCounter] = {}
+        self.challenger_weight: float | None = None  # the registry's, from the watcher; None: cfg's weight
         self.policy = LoadPolicy(retry_failed_after_s=cfg.follow.retry_failed_after_s)
 
     def report(self) -> dict[str, Any]:
         shadow, self._shadow_out = self._shadow_out, []
         return {"replica": self.replica, "node": self.node, "pid": os.getpid(), "failures": dict(self.failures),
-                "shadow": shadow,
+                "shadow": shadow, "challenger_weight": self.challenger_weight,
+                "traffic": {key: counter.to_dict() for key, counter in self.traffic.items()},
                 "versions": {role: m.info.version for role, m in self.models.items()}}
 
     def record_shadow(self, record: dict[str, Any]) -> None:
         self._shadow_out.append(record)
+
+    def record_call(self, role: str, version: int, seconds: float, *, ok: bool) -> None:
+        self.traffic.setdefault(f"{role}:v{version}", TrafficCounter()).record(seconds, ok=ok)
 
     async def start(self) -> None:
         """Load what the watcher says (or the registry, if the watcher cannot be reached yet)."""
         try:
             answer = await asyncio.wait_for(self.watcher.sync.remote(self.report()), timeout=30)
             targets, last_good = answer["targets"], answer["last_good"]
+            self.challenger_weight = answer.get("challenger_weight")
         except Exception as err:  # noqa: BLE001 - the watcher may be restarting; the registry is the truth
             logger.warning("Watcher not reachable (%s); resolving %s in the registry", err, self.cfg.target)
             targets, last_good = await asyncio.to_thread(resolve_targets, self.cfg), {}
@@ -262,6 +290,7 @@ class Follower:
 
     async def sync_once(self) -> None:
         answer = await self.watcher.sync.remote(self.report())
+        self.challenger_weight = answer.get("challenger_weight")
         wanted = {f"{role}:v{version}" for role, version in answer["targets"].items() if version is not None}
         for key in [k for k in self.failures if k not in wanted]:  # the registry moved on from a bad version
             self.failures.pop(key)

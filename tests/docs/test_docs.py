@@ -117,6 +117,42 @@ def wait_apps_running(what: str, timeout: float = 300) -> None:
         time.sleep(2)
 
 
+def test_the_quickstart_model_predicts_the_test_images(docs: DocsSession) -> None:
+    """`make quickstart` sends five real test images to the served model; at least four come back right."""
+    accuracy = float(re.search(r"Test accuracy:\s+([0-9.]+)", docs.setup_output).group(1))
+    assert accuracy >= 0.95, docs.setup_output[-3000:]
+    predictions = re.findall(r"true (\d)\s+predicted (\d)", docs.setup_output)
+    assert len(predictions) == 5 and sum(t == p for t, p in predictions) >= 4, predictions
+
+
+def test_the_local_head_serves_through_haproxy_on_loopback_only(docs: DocsSession) -> None:
+    """The README's head runs Serve with HAProxy (mlray.serve_env); none of its HTTP listeners reach past
+    loopback: the frontend, HAProxy's stats and metrics ports (rewritten by mlray's wrapper), the replicas'
+    direct ingress ports (30000-31000), the dashboard."""
+    from mlray.listeners import listeners
+
+    found = listeners()
+    haproxy = [item for item in found if item.role == "ray-serve-haproxy"]
+    assert len(haproxy) >= 3, found  # the frontend, stats, Prometheus
+    assert [item for item in haproxy if item.exposed] == []
+    assert 8000 in {item.port for item in haproxy}
+    direct = [item for item in found if 30000 <= item.port <= 31000]
+    assert direct and [item for item in direct if item.exposed] == []
+    assert [item for item in found if item.port in (8000, 8265) and item.exposed] == []
+
+
+def test_a_version_trained_by_ray_job_submit_names_its_job_and_commit(docs: DocsSession) -> None:
+    """The README's `ray job submit` block registered a version tagged with its Ray job and git commit."""
+    from mlray.registry import list_models
+
+    assert any("ray job submit" in code and "jobs/train.py" in code for code in docs.ran)
+    models = list_models(tracking_uri=f"sqlite:///{ROOT / '.mlray' / 'mlflow.db'}")
+    versions = [version for model in models if model["name"] == "digits" for version in model["versions"]]
+    by_job = [version for version in versions if version["tags"].get("ray.job_id", "").startswith("raysubmit_")]
+    assert by_job, [version["tags"] for version in versions]
+    assert all(re.fullmatch(r"[0-9a-f]{40}", version["tags"].get("git.commit", "")) for version in by_job), by_job
+
+
 def test_a_failed_deploy_leaves_the_previous_version_serving(docs: DocsSession, tmp_path) -> None:
     """`serve deploy` of our YAML with an arg the app does not know: the app goes DEPLOY_FAILED with the
     field's name, and the replicas that were serving keep answering with the same version."""

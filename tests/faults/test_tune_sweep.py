@@ -20,6 +20,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEP = "sweep-1"
+TRIALS = 3  # one fewer than the shipped config: each trial is a 2-worker training (~40 s here)
 
 
 def _children(parent: str) -> list:
@@ -115,7 +116,7 @@ def test_sweep_interrupted_then_resumed(ray_cluster):
                "--sweep-name", SWEEP, "--epochs", "3"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     log = open(os.environ.get("MLRAY_TEST_TUNE_LOG", os.devnull), "w")  # noqa: SIM115 - closed below
-    first = subprocess.Popen(command + ["--num-samples", "4"], env=env, cwd=ROOT, stdout=log, stderr=log)
+    first = subprocess.Popen(command + ["--num-samples", str(TRIALS)], env=env, cwd=ROOT, stdout=log, stderr=log)
     try:
         wait_for(_finished_children, timeout=400, interval=0.5, what="a finished trial")
     finally:
@@ -124,21 +125,21 @@ def test_sweep_interrupted_then_resumed(ray_cluster):
         log.close()
     parent = _parent()
     done_before = {r.data.tags[TRIAL_TAG]: r.info.run_id for r in _children(parent) if r.info.status == "FINISHED"}
-    assert 1 <= len(done_before) < 4
+    assert 1 <= len(done_before) < TRIALS
     wait_for(lambda: "RayTrainWorker" not in subprocess.run(["ps", "-eo", "args"], capture_output=True,
                                                             text=True).stdout, timeout=60, what="workers gone")
 
-    second = subprocess.run(command + ["--num-samples", "4"], env=env, cwd=ROOT, capture_output=True, text=True,
+    second = subprocess.run(command + ["--num-samples", str(TRIALS)], env=env, cwd=ROOT, capture_output=True, text=True,
                             timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     result = json.loads(second.stdout.strip().splitlines()[-1])
-    assert result["trials"] == 4 and result["parent_run_id"] == parent
+    assert result["trials"] == TRIALS and result["parent_run_id"] == parent
 
     children = _children(parent)
     by_trial: dict[str, list] = {}
     for run in children:
         by_trial.setdefault(run.data.tags[TRIAL_TAG], []).append(run)
-    assert len(by_trial) == 4 and all(len(runs) == 1 for runs in by_trial.values()), "one child run per trial"
+    assert len(by_trial) == TRIALS and all(len(runs) == 1 for runs in by_trial.values()), "one child run per trial"
     for trial, run_id in done_before.items():
         assert by_trial[trial][0].info.run_id == run_id  # finished trials were not re-run
         history = client().get_metric_history(run_id, "train_loss")

@@ -38,9 +38,14 @@ class Versions:
         self.models = models
         self.failures: dict[str, str] = {}
         self.shadows: list[dict[str, Any]] = []
+        self.calls: list[tuple[str, int, bool]] = []
+        self.challenger_weight: float | None = None
 
     def record_shadow(self, record: dict[str, Any]) -> None:
         self.shadows.append(record)
+
+    def record_call(self, role: str, version: int, seconds: float, *, ok: bool) -> None:
+        self.calls.append((role, version, ok))
 
     async def rollout_status(self) -> dict[str, Any]:
         return {"targets": {"champion": self.models["champion"].info.version}}

@@ -4,7 +4,6 @@ tolerance gate, refusals that register nothing, the ONNX check, a user's factory
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -254,7 +253,6 @@ def test_sizes_count_the_onnx_graph(tmp_path):
     assert size_bytes(tmp_path) == 10
     (tmp_path / "body.onnx").write_bytes(b"x" * 5)
     assert size_bytes(tmp_path) == 15
-    shutil.rmtree(tmp_path)
 
 
 def test_a_regressor_on_a_csv_file_is_gated_on_rmse(store, tmp_path_factory):

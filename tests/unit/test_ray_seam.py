@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import logging
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -190,3 +191,19 @@ def test_haproxy_marks_exactly_the_route_tables_prediction_paths() -> None:
     from mlray.serving.routes import PREDICTION_PATH_ENDS
 
     assert PREDICTION_RULE.endswith("{ path_end " + " ".join(PREDICTION_PATH_ENDS) + " }")
+
+
+def test_haproxy_ports_are_distinct_free_and_outside_the_ephemeral_range(tmp_path):
+    """A port from the ephemeral range can be taken by an outgoing connection before HAProxy binds it."""
+    from mlray._ray.haproxy import RESERVED_PORTS, _ephemeral_ports, haproxy_env
+
+    env = haproxy_env(tmp_path / "run")
+    names = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+    ports = [int(env[name]) for name in names]
+    assert len(set(ports)) == 4, ports
+    ephemeral = _ephemeral_ports()
+    assert all(port in RESERVED_PORTS and port not in ephemeral for port in ports), (ports, ephemeral)
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # free now

@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 
 from mlray.errors import ModelLoadError, NotFound
-from mlray.registry import get_version, promote, register
+from mlray.registry import get_version, promote, register, set_challenger_weight
 from mlray.serving.config import ServeAppConfig
 from mlray.serving.loader import ServedModel
 from mlray.serving.metrics import ServingMetrics
 from mlray.serving.rollout import Follower, RegistryWatcher, resolve_targets
+from mlray.serving.traffic import BOUNDARIES_S
 from mlray.tracking import client, experiment_id
 
 
@@ -168,7 +169,19 @@ def test_the_watcher_records_shadow_comparisons_and_events(store):
         report = {"replica": "r1", "versions": {"champion": 1}, "failures": {},
                   "shadow": [{"agree": True}, {"agree": False}, {"agree": True}]}
         answer = await watcher.sync(report)
-        assert answer == {"targets": {"champion": 1, "challenger": None}, "last_good": {"champion": 1}}
+        assert answer == {"targets": {"champion": 1, "challenger": None}, "last_good": {"champion": 1},
+                          "challenger_weight": None}
+        # The registry's weight reaches the replicas on their next sync; their counters add up in traffic().
+        set_challenger_weight("m", 0.25)
+        await watcher.refresh()
+        counts = {"requests": 3, "errors": 1, "buckets": [3] + [0] * len(BOUNDARIES_S)}
+        answer = await watcher.sync({**report, "shadow": [], "traffic": {"challenger:v2": counts}})
+        assert answer["challenger_weight"] == 0.25
+        await watcher.sync({**report, "replica": "r2", "shadow": [], "traffic": {"challenger:v2": counts},
+                            "challenger_weight": 0.25})
+        traffic = watcher.traffic()
+        assert traffic["counts"]["challenger:v2"]["requests"] == 6 and traffic["counts"]["challenger:v2"]["errors"] == 2
+        assert traffic["applied_weights"] == {"r1": None, "r2": 0.25}
         status = watcher.status()
         assert status["shadow"] == {"compared": 3, "agreed": 2}
         assert any("replica r1 answers champion with version 1" in e["message"] for e in status["events"])

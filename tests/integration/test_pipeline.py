@@ -1,0 +1,191 @@
+"""Acceptance of the pipeline issue on the real local cluster, under steady client load: a better candidate
+becomes champion, and the pipeline killed mid-canary finishes from there without retraining (a, d: one test,
+one training); a worse one stops at the gate (b); one that fails on live traffic is rolled back (c)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import DIGITS, deploy_app, register_copy
+from tests.helpers import SteadyLoad, wait_for
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+USERPROJECT = ROOT / "tests" / "fixtures" / "userproject"
+ROW = [0.0] * 64
+POISON = [1e6] + [0.0] * 63  # far outside the training data: the fragile model raises on it
+CANARY = {"weights": [0.2, 0.5], "hold_s": 3, "min_requests": 10, "max_hold_s": 90, "poll_s": 0.5,
+          # generous latency bounds: two cores shared with training and the load generator
+          "max_p99_ratio": 10.0, "p99_slack_s": 0.5}
+
+
+def _write_pipeline(folder: Path, *, train: dict | None = None, model: dict | None = None) -> Path:
+    job = {**DIGITS, "name": "pl", "experiment": "pl", "train": {**DIGITS["train"], **(train or {})}}
+    if model:
+        job["model"] = model
+    (folder / "job.yaml").write_text(yaml.safe_dump(job))
+    path = folder / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"job": str(folder / "job.yaml"), "experiment": "pl-pipeline",
+                                    "canary": CANARY, "rollout_timeout_s": 60}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def app(trained, serve_port):
+    """Model `pl`: version 1 is the baseline, @champion; an app following it with a split challenger."""
+    from mlray.registry import promote
+
+    v1 = register_copy("pl", trained)
+    promote("pl", version=v1, alias="champion")
+    url = deploy_app("pl", {"model": "pl", "follow": {"poll_interval_s": 1.0, "sync_interval_s": 0.5},
+                            "challenger": {"mode": "split", "weight": 0.0}}, port=serve_port)
+    yield url
+    from ray import serve
+
+    serve.delete("pl")
+
+
+def _champion() -> int:
+    from mlray.registry import get_version
+
+    return get_version("pl", alias="champion").version
+
+
+def test_better_candidate_becomes_champion_after_a_kill_mid_canary(app, ray_cluster, tmp_path):
+    from mlray.pipeline import load_pipeline, run
+    from mlray.pipeline.record import PipelineRecord
+    from mlray.tracking import client, experiment_id
+    from mlray.training_run import runs_named
+
+    config = _write_pipeline(tmp_path)
+    before = _champion()
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    with SteadyLoad(f"{app}/v1/models/pl:predict", row=ROW, threads=2, max_seconds=400, max_requests=200_000,
+                    pause_s=0.02) as load:
+        wait_for(lambda: load.count() > 20, timeout=60, what="load running")
+        process = subprocess.Popen([str(BIN / "mlray"), "pipeline", "run", "--config", str(config), "--id", "kill"],
+                                   env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            def one_weight_held() -> bool:
+                assert process.poll() is None, process.communicate()[0][-3000:]
+                found = PipelineRecord.find("kill", experiment="pl-pipeline")
+                watch = found.steps.get("watch") if found else None
+                return bool(watch and watch.status == "running" and len(watch.outputs.get("stages", [])) == 1)
+
+            wait_for(one_weight_held, timeout=300, interval=0.2, what="the first canary weight held")
+        finally:
+            process.send_signal(signal.SIGKILL)
+            output = process.communicate()[0]
+        assert "train: registered pl version" in output, output[-3000:]
+        assert _champion() == before  # killed mid-canary: nothing promoted
+
+        result = run(load_pipeline(config), pipeline_id="kill")
+        wait_for(lambda: load.versions()[-1] == str(result.steps["train"].outputs["version"]), timeout=30,
+                 what="answers from the new champion")
+    assert result.resumed and result.outcome == "champion", result.reason
+    candidate = int(result.steps["train"].outputs["version"])
+    assert _champion() == candidate
+    starts = {name: step.starts for name, step in result.steps.items()}
+    assert starts["train"] == 1 and starts["deploy"] == 1 and starts["watch"] == 2, starts
+    assert len(runs_named(experiment_id("pl"), "pipeline-kill")) == 1  # trained once
+    stages = result.steps["watch"].outputs["stages"]
+    assert [s["weight"] for s in stages] == [0.2, 0.5] and all(s["challenger"]["errors"] == 0 for s in stages)
+    assert load.failures() == [], load.failures()[:5]
+    roles = {(version, role) for _, version, role in load.results}
+    assert (str(candidate), "challenger") in roles and (str(candidate), "champion") in roles
+
+    # Lineage: the version names its training run, data, commit and this pipeline run.
+    from mlray.pipeline.lineage import lineage
+
+    chain = lineage("pl", alias="champion")
+    assert chain["pipeline"]["id"] == "kill" and chain["pipeline"]["outcome"] == "champion"
+    assert chain["training_run"]["run_id"] == result.steps["train"].outputs["run_id"]
+    assert chain["data"]["fingerprint"] and chain["code"]["git_commit"]
+    decisions = [v for k, v in client().get_run(result.run_id).data.tags.items()
+                 if k.startswith("mlray.pipeline.decision.")]
+    assert len(decisions) == 2 and all(d.startswith("advance: challenger within bounds") for d in decisions)
+    import requests
+
+    meta = requests.get(f"{app}/v1/models/pl", timeout=10).json()
+    assert meta["version"] == candidate and meta["lineage"]["mlray.pipeline.id"] == "kill"
+
+
+def test_worse_candidate_stops_at_the_gate_and_serving_is_untouched(app, tmp_path):
+    import requests
+
+    from mlray.pipeline import load_pipeline, run
+    from mlray.registry import get_version
+    from mlray.serving.deploy import app_status
+
+    champion = _champion()
+    result = run(load_pipeline(_write_pipeline(tmp_path, train={"epochs": 1})), pipeline_id="worse")
+    assert result.outcome == "refused" and "is not better than" in result.reason
+    assert _champion() == champion
+    assert [n for n, s in result.steps.items() if s.status == "skipped"] == [
+        "register", "compress", "deploy", "watch", "finish"]
+    worse = get_version("pl", version=int(result.steps["train"].outputs["version"]))
+    assert worse.aliases == [] and "is not better than" in worse.tags["mlray.pipeline.gate"]
+    status = app_status("pl")
+    assert status["targets"] == {"champion": champion, "challenger": None}
+    answer = requests.post(f"{app}/v1/models/pl:predict", json={"instances": [ROW]}, timeout=10)
+    assert answer.headers["x-model-version"] == str(champion)
+
+
+def test_candidate_failing_on_live_traffic_is_rolled_back(app, tmp_path, monkeypatch):
+    from mlray.pipeline import load_pipeline, run
+    from mlray.registry import get_version
+    from mlray.serving.deploy import app_status
+
+    monkeypatch.syspath_prepend(str(USERPROJECT))
+    champion = _champion()
+    model = {"factory": "usermodel.nets:fragile_mlp", "kwargs": {"hidden": [128, 64], "dropout": 0.1}}
+    config = _write_pipeline(tmp_path, model=model)
+    with SteadyLoad(f"{app}/v1/models/pl:predict", row=POISON, threads=2, retry_on_500=True,
+                    max_seconds=400, max_requests=200_000, pause_s=0.02) as load:
+        result = run(load_pipeline(config), pipeline_id="fragile")
+    assert result.outcome == "rolled_back" and "error rate" in result.reason, result.reason
+    assert result.steps["gate"].outputs["passed"]  # it passed every offline check
+    assert result.steps["watch"].outputs["failed_stage"]["weight"] == 0.2  # at the first weight
+    assert _champion() == champion
+    fragile = get_version("pl", version=int(result.steps["train"].outputs["version"]))
+    assert fragile.aliases == [] and not any(k.startswith("mlray.promotion.champion") for k in fragile.tags)
+    assert "error rate" in fragile.tags["mlray.pipeline.rolled_back"]
+    assert load.failures() == [] and load.retries > 0, (load.failures()[:5], load.retries)
+    assert app_status("pl")["targets"]["challenger"] is None
+
+
+def _compress_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mlray.compress") is not None
+
+
+@pytest.mark.skipif(not _compress_available(), reason="mlray.compress (the compression branch) is not merged here")
+def test_candidate_whose_compressed_variant_loses_accuracy_ships_uncompressed(app, tmp_path):
+    from mlray.pipeline import load_pipeline, parse_pipeline, run
+    from mlray.registry import get_version
+
+    path = _write_pipeline(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    # No accuracy may be lost, and 95 % of the weights are pruned: the variant cannot keep it.
+    raw["compress"] = {"enabled": True, "method": "prune", "sparsity": 0.95, "tolerance": 0.0}
+    cfg = parse_pipeline(raw)
+    assert cfg.compress.enabled and load_pipeline(path).compress.enabled is False
+    with SteadyLoad(f"{app}/v1/models/pl:predict", row=ROW, threads=2, max_seconds=400, max_requests=200_000,
+                    pause_s=0.02) as load:
+        result = run(cfg, pipeline_id="compress-refused")
+    compressed = result.steps["compress"].outputs
+    assert compressed["compressed"] is False and compressed["reason"], compressed
+    candidate = int(result.steps["train"].outputs["version"])
+    assert compressed["served_version"] == candidate  # the original shipped
+    assert result.outcome == "champion" and get_version("pl", alias="champion").version == candidate
+    assert load.failures() == []
