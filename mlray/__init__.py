@@ -16,23 +16,25 @@ __version__ = "0.1.0"
 # public name -> module it lives in
 _EXPORTS = {
     "train": "mlray.api", "tune": "mlray.api", "promote": "mlray.api", "serve": "mlray.api", "deploy": "mlray.api",
-    "predict": "mlray.api", "load_model": "mlray.api",
+    "predict": "mlray.api", "load_model": "mlray.api", "compress": "mlray.api",
     "JobConfig": "mlray.config", "DataConfig": "mlray.config", "ModelConfig": "mlray.config",
     "TrainConfig": "mlray.config", "RegistryConfig": "mlray.config", "GateConfig": "mlray.config",
     "TuneSettings": "mlray.config", "load_config": "mlray.config", "parse_config": "mlray.config",
     "ServeAppConfig": "mlray.serving.config",
     "TrainResult": "mlray.train", "LoadedModel": "mlray.artifact", "MlrayError": "mlray.errors",
+    "CompressResult": "mlray.compress.core", "CompressionRefused": "mlray.errors",
 }
 
 __all__ = [
-    "DataConfig", "GateConfig", "JobConfig", "LoadedModel", "MlrayError", "ModelConfig", "RegistryConfig",
-    "ServeAppConfig", "TrainConfig", "TrainResult", "TuneSettings", "deploy", "load_config", "load_model",
-    "parse_config", "predict", "promote", "serve", "train", "tune",
+    "CompressResult", "CompressionRefused", "DataConfig", "GateConfig", "JobConfig", "LoadedModel", "MlrayError",
+    "ModelConfig", "RegistryConfig", "ServeAppConfig", "TrainConfig", "TrainResult", "TuneSettings", "compress",
+    "deploy", "load_config", "load_model", "parse_config", "predict", "promote", "serve", "train", "tune",
 ]
 
 if TYPE_CHECKING:
-    from mlray.api import deploy, load_model, predict, promote, serve, train, tune
+    from mlray.api import compress, deploy, load_model, predict, promote, serve, train, tune
     from mlray.artifact import LoadedModel
+    from mlray.compress.core import CompressResult
     from mlray.config import (
         DataConfig,
         GateConfig,
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
         load_config,
         parse_config,
     )
-    from mlray.errors import MlrayError
+    from mlray.errors import CompressionRefused, MlrayError
     from mlray.serving.config import ServeAppConfig
     from mlray.train import TrainResult
 

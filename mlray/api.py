@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from mlray.artifact import LoadedModel
+    from mlray.compress import CompressResult
     from mlray.config import GateConfig, JobConfig
     from mlray.registry import PromotionResult
     from mlray.serving.foreign import PyfuncModel
@@ -90,6 +91,17 @@ def predict(name: str, rows: np.ndarray | list[list[float]], *, url: str = "http
     from mlray.client import predict as post
 
     return post(url, name, rows, timeout_s=timeout_s, headers=headers)
+
+
+def compress(name: str, *, version: int, method: str, tolerance: float = 1.0, sparsity: float = 0.5,
+             tracking_uri: str | None = None) -> CompressResult:
+    """A compressed variant of ``name`` ``version`` (dynamic-int8, static-int8, fp16, bf16, prune, onnx), measured
+    against its parent and registered as a new version when it loses at most ``tolerance`` points
+    (otherwise CompressionRefused, and nothing is registered). See docs/compression.md."""
+    from mlray.compress import compress as do_compress
+
+    return do_compress(name, version=version, method=method, tolerance=tolerance, sparsity=sparsity,
+                       tracking_uri=tracking_uri)
 
 
 def load_model(name: str, *, alias: str | None = None, version: int | None = None,

@@ -6,6 +6,7 @@ This is where training and serving meet. A model folder holds::
     mlray_model.json      model spec (factory path, kwargs, sizes, task), feature and class names, sha256 of
                           the weights and of the code, versions
     code/                 the source of a user's factory (its top-level package or module), if not mlray's
+    body.onnx             a compressed ONNX variant's body (its sha256 in the metadata; see mlray.compress)
 
 Loading checks the weights (and the code) against the sha256 recorded at registration, puts ``code/`` first
 on sys.path before it imports the factory, and never unpickles anything. So a process that never imported
@@ -34,7 +35,8 @@ from mlray.models import ModelSpec, StandardizedModel, build, factory_code
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: factory specs and code/; 1 (arch by name) still loads
-READABLE_FORMATS = (1, 2)
+VARIANT_FORMAT_VERSION = 3  # 3: a compressed variant (metadata "variant"); older mlray refuses it by number
+READABLE_FORMATS = (1, 2, 3)
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "mlray_model.json"
 CODE_DIR = "code"
@@ -64,6 +66,11 @@ class LoadedModel:
     @property
     def num_features(self) -> int:
         return len(self.feature_names)
+
+    @property
+    def variant(self) -> str:
+        """The compression method of this version ("dynamic-int8", "onnx", ...), or "none"."""
+        return str(self.meta.get("variant", {}).get("method", "none"))
 
     @property
     def task(self) -> str:
@@ -96,17 +103,29 @@ def pyfunc_output(loaded: LoadedModel, outputs: np.ndarray) -> np.ndarray:
 
 def write_model_dir(
     folder: Path, *, model: StandardizedModel, feature_names: list[str], class_names: list[str],
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None, variant: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write weights, metadata and the factory's source into ``folder``; returns the metadata (with sha256s)."""
+    """Write weights, metadata and the factory's source into ``folder``; returns the metadata (with sha256s).
+
+    ``variant``: a compressed model's method and lineage (:mod:`mlray.compress`); its state is stored as plain
+    tensors with a layout, and an ONNX body already written into ``folder`` gets its sha256 recorded.
+    """
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    if variant is None:
+        state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    else:
+        from mlray.compress.variants import ONNX_FILE, flatten_state
+
+        state, layout = flatten_state(model.state_dict())
+        variant = {**variant, "layout": layout}
+        if (folder / ONNX_FILE).is_file():
+            variant["onnx_sha256"] = sha256_file(folder / ONNX_FILE)
     save_file(state, str(folder / WEIGHTS_FILE))
     code_sha256 = _copy_code(model.spec.factory, folder / CODE_DIR)
     meta = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if variant is None else VARIANT_FORMAT_VERSION,
         "spec": model.spec.to_dict(),
         "feature_names": feature_names,
         "class_names": class_names,
@@ -114,6 +133,7 @@ def write_model_dir(
         "code_sha256": code_sha256,
         "mlray_version": __version__,
         "torch_version": torch.__version__,
+        **({"variant": variant} if variant is not None else {}),
         **(extra or {}),
     }
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -223,11 +243,37 @@ def load_model_dir(folder: str | Path, *, expected_sha256: str | None = None, de
         model = build(ModelSpec.from_dict(meta["spec"]))
     except Exception as err:  # noqa: BLE001 - a factory that no longer imports or builds
         raise ModelLoadError(f"cannot rebuild the model of {folder}: {err}") from None
+    target = torch.device(device) if device is not None else default_device()
     try:
-        model.load_state_dict(load_file(str(weights)))
+        state: dict[str, Any] = load_file(str(weights))
+        if "variant" in meta:
+            state = _shape_variant(folder, model, meta["variant"], state)
+            target = torch.device("cpu")  # int8 kernels and onnxruntime's provider here are CPU ones
+        model.load_state_dict(state)
+    except ModelLoadError:
+        raise
     except Exception as err:  # noqa: BLE001 - any failure here means the files do not fit the spec
         raise ModelLoadError(f"weights in {weights} do not fit the model spec: {err}") from None
-    target = torch.device(device) if device is not None else default_device()
     model.to(target).eval()
     return LoadedModel(model=model, feature_names=list(meta["feature_names"]),
                        class_names=list(meta["class_names"]), meta=meta, device=target)
+
+
+def _shape_variant(folder: Path, model: StandardizedModel, variant: dict[str, Any], state: dict[str, Any]
+                   ) -> dict[str, Any]:
+    """Give ``model`` the compressed body its variant stored (checking an ONNX file's sha256); returns the
+    state dict to load into it."""
+    from mlray.compress.variants import ONNX_FILE, shape_body, unflatten_state
+
+    method = variant.get("method")
+    if "onnx_sha256" in variant:
+        actual = sha256_file(folder / ONNX_FILE) if (folder / ONNX_FILE).is_file() else "missing"
+        if actual != variant["onnx_sha256"]:
+            raise ModelLoadError(f"{ONNX_FILE} sha256 {actual[:16]}... does not match the metadata's "
+                                 f"{variant['onnx_sha256'][:16]}...")
+    try:
+        model.body = shape_body(model.body, str(method), num_features=model.spec.num_features, folder=folder)
+        return unflatten_state(state, variant["layout"])
+    except Exception as err:  # noqa: BLE001 - a variant this mlray cannot rebuild does not load
+        raise ModelLoadError(f"cannot rebuild the {method!r} variant of {folder}: {type(err).__name__}: {err}"
+                             ) from None

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from mlray import console
+from mlray.cli_compress import compress
 from mlray.cli_monitor import monitor
 from mlray.cli_pipeline import lineage, pipeline
 from mlray.errors import ConfigError, MlrayError
@@ -403,6 +404,7 @@ def run(argv: list[str] | None = None) -> int:
 app.add_typer(monitor, name="monitor")
 app.add_typer(pipeline, name="pipeline")
 app.command("lineage")(lineage)
+app.command()(compress)
 
 
 def main() -> None:

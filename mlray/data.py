@@ -336,3 +336,28 @@ def sample_test_rows(cfg: DataConfig, *, seed: int, count: int) -> tuple[np.ndar
         raise DataError(f"sample rows are available for bundled datasets, not {cfg.source!r}")
     x, y, split, _, _ = _memory_split(cfg, seed)
     return x[split == 2][:count], y[split == 2][:count]
+
+
+def local_splits(cfg: DataConfig, *, seed: int, task: str = "classification"
+                 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
+    """The train / val / test rows a training run with this config used, read in this process without Ray,
+    and the data's fingerprint (to check it against the run's). For bundled and file data; synthetic rows
+    depend on how Ray Data cut them into blocks, so they are only reproducible through :func:`prepare`."""
+    if cfg.source in ("digits", "breast_cancer"):
+        x, y, split, _, _ = _memory_split(cfg, seed)
+        fingerprint = _fingerprint(x.tobytes(), y.tobytes())
+    elif cfg.source == "synthetic":
+        raise DataError("data.source 'synthetic' cannot be re-read outside Ray: its rows depend on Ray Data's blocks")
+    else:
+        path = Path(cfg.source).expanduser()
+        files = _data_files(path) if path.exists() else []
+        if not files:
+            raise DataError(f"data.source {cfg.source!r} is not an existing file or folder here")
+        reader = pd.read_parquet if files[0].suffix.lower() == ".parquet" else pd.read_csv
+        frame = pd.concat([reader(file) for file in files], ignore_index=True)
+        label = str(cfg.label_column)
+        x = frame[[c for c in frame.columns if c != label]].to_numpy(dtype=np.float32)
+        y = frame[label].to_numpy(dtype=np.float32 if task == "regression" else np.int64)
+        split = _split_ids(_hash_uniform(_row_keys(x), seed), cfg.val_fraction, cfg.test_fraction)
+        fingerprint = file_fingerprint(path)
+    return {name: (x[split == i], y[split == i]) for i, name in enumerate(SPLITS)}, fingerprint

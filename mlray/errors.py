@@ -77,6 +77,13 @@ class PromotionRefused(MlrayError):
     status_code = 409
 
 
+class CompressionRefused(MlrayError):
+    """A compressed variant lost more than the tolerance allows, or its method does not apply to the model;
+    nothing is registered."""
+
+    status_code = 409
+
+
 class TrainingFailed(MlrayError, RuntimeError):
     """Distributed training ended in error; the MLflow run is marked FAILED and nothing is registered."""
 

@@ -8,6 +8,7 @@ The step functions below take plain iterables of ``(x, y)`` tensors and run with
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import sys
@@ -203,7 +204,8 @@ def evaluate(
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    # A compressed variant (int8, ONNX) may have no parameters left; its standardisation buffers remain.
+    return next(itertools.chain(model.parameters(), model.buffers())).device
 
 
 def epoch_pass(

@@ -223,7 +223,7 @@ def log_report_artifacts(run_id: str, *, history: list[dict[str, float]], confus
 
 
 def log_model(run_id: str, model_dir: Path, *, feature_names: list[str], example: Any,
-              tracking_uri: str | None = None) -> str:
+              tracking_uri: str | None = None, extra_requirements: list[str] | None = None) -> str:
     """Log the mlray model folder as an MLflow pyfunc model (models-from-code, nothing pickled).
 
     A user factory's source is inside the folder (``code/``, see :mod:`mlray.artifact`), which the pyfunc's
@@ -244,7 +244,7 @@ def log_model(run_id: str, model_dir: Path, *, feature_names: list[str], example
     outputs = pyfunc_output(loaded, loaded.predict(frame.to_numpy()))
     # Explicit requirements: inferring them took ~8 s per model here, and would list the whole venv.
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "safetensors", f"mlflow=={mlflow.__version__}",
-                    "numpy", "pandas"]
+                    "numpy", "pandas", *(extra_requirements or [])]
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         # MLflow 3 asks for type hints on predict(); the signature below is the contract instead.
         warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)

@@ -177,7 +177,7 @@ class PredictionCore:
         body, headers = protocol.respond(probabilities, parsed, served, name or served.info.name)
         info = served.info
         headers.update({"x-model-name": info.name, "x-model-version": str(info.version),
-                        "x-model-run-id": info.run_id, "x-model-role": role,
+                        "x-model-run-id": info.run_id, "x-model-role": role, "x-model-variant": served.loaded.variant,
                         "x-request-id": call.headers.get("x-request-id") or uuid.uuid4().hex})
         return body, headers
 
@@ -219,12 +219,13 @@ class PredictionCore:
             "inputs": {"num_features": loaded.num_features, "feature_names": loaded.feature_names, "dtype": "float32",
                        **(loaded.spec.describe() if isinstance(loaded, PyfuncModel) else {})},
             "classes": loaded.class_names, "task": loaded.task, "device": str(loaded.device),
+            "variant": loaded.variant,
             "load_seconds": round(served.load_seconds, 3),
             "versions": {role: m.info.version for role, m in self.versions.models.items()},
             "failures": self.versions.failures,
         }
         return body, {"x-model-name": info.name, "x-model-version": str(info.version),
-                      "x-model-run-id": info.run_id, "x-model-role": "champion"}
+                      "x-model-run-id": info.run_id, "x-model-role": "champion", "x-model-variant": loaded.variant}
 
     async def rollout_status(self, call: Call) -> Answer:
         """The watcher's view: targets, every replica's versions and load failures, shadow summary."""

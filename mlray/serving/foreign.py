@@ -88,6 +88,11 @@ class PyfuncModel:
         return [str(value) for value in self.class_values]
 
     @property
+    def variant(self) -> str:
+        """A compressed variant is always one of mlray's own models; a model from another tool is as logged."""
+        return "none"
+
+    @property
     def task(self) -> str:
         # "regression" is what the protocols call an answer of plain numbers (see mlray.serving.outputs)
         return "classification" if self.proba_fn is not None else "regression"

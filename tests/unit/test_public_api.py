@@ -25,7 +25,7 @@ def test_every_public_name_resolves():
 
 
 def test_functions_take_options_by_keyword():
-    for name in ("train", "tune", "promote", "serve", "predict", "load_model"):
+    for name in ("train", "tune", "promote", "serve", "predict", "load_model", "compress"):
         params = list(inspect.signature(getattr(mlray, name)).parameters.values())
         positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
         assert len(positional) <= 2, (name, positional)  # the subject (config, name, rows); the rest keyword-only
