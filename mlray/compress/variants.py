@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mlray._torch import per_channel_quantized, per_tensor_quantized, state_versions, with_state_versions
+
 METHODS = ("dynamic-int8", "static-int8", "fp16", "bf16", "prune", "onnx")
 ONNX_FILE = "body.onnx"
 _HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -128,8 +130,7 @@ def flatten_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[
     tensors: dict[str, torch.Tensor] = {}
     entries = {key: _flatten_value(key, value, tensors) for key, value in state.items()}
     # Each module's state version: quantized modules read an old layout when it is missing.
-    versions = {prefix: dict(info) for prefix, info in getattr(state, "_metadata", {}).items()}
-    return tensors, {"entries": entries, "versions": versions}
+    return tensors, {"entries": entries, "versions": state_versions(state)}
 
 
 def _flatten_value(key: str, value: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -160,8 +161,7 @@ def unflatten_state(tensors: dict[str, torch.Tensor], layout: dict[str, Any]) ->
     """The inverse of :func:`flatten_state`: a state dict ``load_state_dict`` takes."""
     with quiet_quantization():
         state = OrderedDict((key, _unflatten_value(entry, tensors)) for key, entry in layout["entries"].items())
-    state._metadata = OrderedDict(layout["versions"])  # type: ignore[attr-defined]
-    return state
+    return with_state_versions(state, layout["versions"])
 
 
 def _unflatten_value(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
@@ -175,6 +175,5 @@ def _unflatten_value(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
         return tensors[entry["tensor"]]
     values = tensors[entry["int"]]
     if "axis" in entry:
-        return torch._make_per_channel_quantized_tensor(
-            values, tensors[entry["scales"]].double(), tensors[entry["zero_points"]].long(), entry["axis"])
-    return torch._make_per_tensor_quantized_tensor(values, entry["scale"], entry["zero_point"])
+        return per_channel_quantized(values, tensors[entry["scales"]], tensors[entry["zero_points"]], entry["axis"])
+    return per_tensor_quantized(values, entry["scale"], entry["zero_point"])
