@@ -109,7 +109,7 @@ def plot_history(runs: list[Run], into: Path) -> None:
 
 
 def main() -> int:
-    runs = sorted((read(path) for path in RESULTS.glob("serve-*.md")), key=lambda run: run.when)
+    runs = sorted((read(path) for path in RESULTS.glob("serve-[0-9]*.md")), key=lambda run: run.when)
     full = [run for run in runs if not run.quick]
     if not full:
         print(f"no full bench/serve.py run in {RESULTS}", file=sys.stderr)
