@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import threading
@@ -148,3 +149,13 @@ def need_program(name: str, install: str) -> None:
     if os.environ.get("MLRAY_REQUIRE_LAB") == "1":
         pytest.fail(f"{name} is not installed ({install})", pytrace=False)
     pytest.skip(f"{name} is not installed ({install})", allow_module_level=True)
+
+
+# A Ray driver (this test process, once a session fixture connected it) prints its workers' log lines on its
+# own stderr, e.g. "\x1b[36m(PlacementGroupCleaner pid=15640)\x1b[0m Failed to query ...", at any moment.
+RAY_FORWARDED_LOG = re.compile(r"^(\x1b\[[0-9;]*m)*\((\w|[:.-])+ pid=\d+")
+
+
+def printed_lines(text: str) -> list[str]:
+    """The non-blank lines of captured output, without the Ray worker log lines a connected driver forwards."""
+    return [line for line in text.splitlines() if line.strip() and not RAY_FORWARDED_LOG.match(line)]

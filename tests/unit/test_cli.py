@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_port, printed_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,6 +23,7 @@ def cli(tmp_path, monkeypatch, capsys):
     """Runs `mlray ARGS` in this process (the same `run` that `main` exits with); returns (code, out, err)."""
     monkeypatch.setenv("MLRAY_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLRAY_ARTIFACT_ROOT", raising=False)  # set by a Ray head an earlier test started here
     monkeypatch.delenv("MLRAY_API_KEY", raising=False)
     from mlray.cli import run
 
@@ -36,7 +37,7 @@ def cli(tmp_path, monkeypatch, capsys):
 
 
 def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = printed_lines(err)
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
 

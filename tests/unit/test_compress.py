@@ -12,6 +12,7 @@ import pytest
 
 from mlray.errors import CompressionRefused, ConfigError, ModelLoadError
 from tests.compress_models import train_and_register
+from tests.helpers import printed_lines
 
 USERPROJECT = Path(__file__).resolve().parents[1] / "fixtures" / "userproject"
 METHODS = ("dynamic-int8", "static-int8", "fp16", "bf16", "prune", "onnx")
@@ -229,7 +230,7 @@ def test_cli_compress_prints_one_line_or_json_and_one_error_line(parent, capsys)
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"digits version {out['version'] + 1}: bf16 of version {parent}, test_accuracy ")
     assert run(["compress", "digits", "--version", str(parent), "--method", "int4"]) == 1
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    err = printed_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("error: method 'int4' is not a compression method")
 
 

@@ -18,6 +18,7 @@ from tests.foreign_models import iris, register_classifier, register_regressor
 def store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLRAY_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLRAY_ARTIFACT_ROOT", raising=False)  # set by a Ray head an earlier test started here
     return tmp_path
 
 

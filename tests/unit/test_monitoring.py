@@ -11,7 +11,7 @@ import yaml
 
 from mlray.errors import ConfigError, MlrayError
 from mlray.monitoring import AlertThresholds, alert_rules, check_rules, discovery_from_nodes, prometheus_config
-from tests.helpers import need_program
+from tests.helpers import need_program, printed_lines
 
 need_program("promtool", "apt-get install prometheus")
 
@@ -142,7 +142,7 @@ def test_cli_refuses_a_bad_threshold_in_one_line(capsys: pytest.CaptureFixture[s
     from mlray.cli import run
 
     assert run(["monitor", "up", "--error-ratio", "2"]) == 1
-    assert capsys.readouterr().err.strip() == "error: error_ratio must be between 0 and 1, got 2.0"
+    assert printed_lines(capsys.readouterr().err) == ["error: error_ratio must be between 0 and 1, got 2.0"]
 
 
 def test_cli_down_without_a_running_prometheus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
