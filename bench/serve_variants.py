@@ -3,12 +3,12 @@
 In a temporary MLRAY_HOME (or ``--home``): a digits model trained here (``bench/serve.py``'s
 ``prepare_model``) at ``@champion``, then ``mlray.compress`` makes its ``dynamic-int8`` and ``onnx`` variants,
 given the aliases ``champion-int8`` and ``champion-onnx``. One local Ray cluster with mlray's Serve settings;
-the same app (one replica, so its CPU is one process's) is deployed for each alias in turn, measured alone,
-in rounds that alternate parent / int8 / ONNX so that all three see the same machine:
+the same app (its replicas as the shipped YAML's autoscaling starts them) is deployed for each alias in turn,
+measured alone, in rounds that alternate parent / int8 / ONNX so that all three see the same machine:
 
 - single rows: ``--clients`` Python threads at nice 15 (as Ray's workers), V1 requests of one row; req/s, p99,
-  and the replica's CPU milliseconds per request (its process's user + system CPU time over the run, from
-  psutil, divided by the requests answered);
+  and the replicas' CPU milliseconds per request (their processes' user + system CPU time over the run,
+  from psutil, divided by the requests answered);
 - 256 rows: 2 clients, V1 requests of 256 rows; rows/s and the replica's CPU milliseconds per 256 rows.
 
 Every answer is checked: the header ``x-model-variant`` names the variant that should be serving.
@@ -85,13 +85,30 @@ def deploy(alias: str, *, port: int) -> str:
     return run(plan, timeout_s=300)
 
 
-def replica_process() -> psutil.Process:
-    """The one Serve replica of the app (a Ray worker whose command line names its actor)."""
-    found = [p for p in psutil.process_iter(["cmdline"])
-             if "ServeReplica:variants" in " ".join(p.info["cmdline"] or [])]
-    if len(found) != 1:
-        raise RuntimeError(f"expected one replica process of app 'variants', found {len(found)}")
-    return found[0]
+def replica_processes(settle_s: float = 3.0) -> list[psutil.Process]:
+    """The app's Serve replicas (Ray workers whose title names the app); the previous deploy's replicas may
+    take a few seconds to exit after ``serve.delete``, so the set is read once it stops changing."""
+    def current() -> set[int]:
+        return {p.pid for p in psutil.process_iter(["cmdline", "status"])
+                if p.info["status"] != psutil.STATUS_ZOMBIE
+                and (p.info["cmdline"] or [""])[0].startswith("ray::ServeReplica:variants")}
+
+    seen, deadline = current(), time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(settle_s)
+        now = current()
+        if now == seen and now:
+            break
+        seen = now
+    return [psutil.Process(pid) for pid in sorted(seen)]
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        times = process.cpu_times()
+        total += times.user + times.system
+    return total
 
 
 def load(url: str, body: dict[str, Any], variant: str, *, clients: int, seconds: float, rows: int
@@ -100,8 +117,8 @@ def load(url: str, body: dict[str, Any], variant: str, *, clients: int, seconds:
     latencies: list[float] = []
     failures: list[str] = []
     lock = threading.Lock()
-    replica = replica_process()
-    cpu_before = replica.cpu_times()
+    replicas = replica_processes()
+    cpu_before = cpu_seconds(replicas)
     deadline = time.monotonic() + seconds
 
     def client() -> None:
@@ -127,8 +144,7 @@ def load(url: str, body: dict[str, Any], variant: str, *, clients: int, seconds:
     for thread in threads:
         thread.join()
     elapsed = time.monotonic() - began
-    cpu_after = replica.cpu_times()
-    cpu_s = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    cpu_s = cpu_seconds(replicas) - cpu_before
     ordered = sorted(latencies)
     if failures:
         raise RuntimeError(f"{len(failures)} failed requests, first: {failures[0]}")
@@ -182,8 +198,8 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], figures: dict[st
         return statistics.median(r[key] for r in results[name][kind])
 
     base_cpu, base_rows = med("parent", "single", "cpu_ms"), med("parent", "batch", "rows_s")
-    lines = [f"Served variants, {dt.date.today()}: one replica, single rows from {args.clients} clients (nice 15) "
-             f"and 256-row requests from 2 clients, {args.rounds} rounds of {args.seconds:.0f} s, medians",
+    lines = [f"Served variants, {dt.date.today()}: the app's replicas, single rows from {args.clients} clients "
+             f"(nice 15) and 256-row requests from 2 clients, {args.rounds} rounds of {args.seconds:.0f} s, medians",
              "", "| variant | single-row req/s | p99 ms | CPU ms / request | vs parent | 256-row rows/s | "
              "CPU ms / 256 rows | rows/s vs parent |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in results:
