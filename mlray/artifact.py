@@ -168,6 +168,21 @@ def tree_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def keep_by_hash(source: Path, kind: str, sha256: str) -> Path:
+    """A copy of ``source`` in ``<tmp>/<kind>/<sha256>``, made once: files loaded from it stay readable after the
+    download folder goes, and the same files are never copied twice."""
+    kept = Path(tempfile.gettempdir()) / kind / sha256
+    if not kept.is_dir():
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{sha256[:16]}-", dir=kept.parent))
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        try:
+            staging.rename(kept)  # atomic: a concurrent loader of the same files finds a complete folder
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # another process was first; its copy is the same
+    return kept
+
+
 def _use_code(folder: Path, meta: dict[str, Any]) -> None:
     """Put the model's shipped factory source first on sys.path, after checking it is what was logged.
 
@@ -184,15 +199,7 @@ def _use_code(folder: Path, meta: dict[str, Any]) -> None:
     actual = tree_sha256(code)
     if actual != wanted:
         raise ModelLoadError(f"code sha256 {actual[:16]}... does not match the metadata's {wanted[:16]}...")
-    kept = Path(tempfile.gettempdir()) / "mlray-code" / actual
-    if not kept.is_dir():
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{actual[:16]}-", dir=kept.parent))
-        shutil.copytree(code, staging, dirs_exist_ok=True)
-        try:
-            staging.rename(kept)  # atomic: a concurrent loader of the same code finds a complete folder
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)  # another process was first; its copy is the same
+    kept = keep_by_hash(code, "mlray-code", actual)
     if str(kept) not in sys.path:
         # First: the model is rebuilt with the code it was trained with. A module of the same name imported
         # earlier in this process stays in use (Python imports a module once).

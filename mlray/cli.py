@@ -71,6 +71,14 @@ def _model(text: str):  # type: ignore[no-untyped-def]
     return parse_model_ref(text)
 
 
+def _version_of(ref, version: int | None, verb: str) -> int:  # type: ignore[no-untyped-def]
+    """``--version`` if given, else the version a ``models:/NAME/N`` argument names."""
+    version = version if version is not None else ref.version
+    if version is None:
+        raise ConfigError(f"say which version to {verb}: --version N or models:/{ref.name}/N")
+    return version
+
+
 @app.command()
 def train(
     config: ConfigOpt = None,
@@ -148,9 +156,7 @@ def promote(
 
     _setup_logging(False)
     ref = _model(name)
-    version = version if version is not None else ref.version
-    if version is None:
-        raise ConfigError(f"say which version to promote: --version N or models:/{ref.name}/N")
+    version = _version_of(ref, version, "promote")
     alias = alias or ref.alias or "champion"
     gate = _job_config(config, {}).registry.gate
     result = do_promote(ref.name, version=version, alias=alias, gate=gate, force=force, reason=reason)

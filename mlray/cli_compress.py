@@ -21,15 +21,12 @@ def compress(
     as_json: JsonOpt = False,
 ) -> None:
     """Make a compressed variant of a version, measure it against its parent, register it within tolerance."""
-    from mlray.cli import _model, _setup_logging
+    from mlray.cli import _model, _setup_logging, _version_of
     from mlray.compress import compress as do_compress
-    from mlray.errors import ConfigError
 
     _setup_logging(False)
     ref = _model(name)
-    version = version if version is not None else ref.version
-    if version is None:
-        raise ConfigError(f"say which version to compress: --version N or models:/{ref.name}/N")
+    version = _version_of(ref, version, "compress")
     result = do_compress(ref.name, version=version, method=method, tolerance=tolerance, sparsity=sparsity)
     if as_json:
         console.print_json({"model": ref.name, "method": result.method, "parent_version": result.parent_version,

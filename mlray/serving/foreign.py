@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mlray.artifact import keep_by_hash
 from mlray.errors import ModelLoadError
 from mlray.serving.signature import InputSpec, input_spec
 
@@ -135,16 +134,7 @@ def as_matrix(predictions: Any, *, rows: int) -> np.ndarray:
 
 def keep_files(root: Path, sha256: str) -> Path:
     """Move the downloaded files to a folder named by their hash: a pyfunc may read its files after loading."""
-    kept = Path(tempfile.gettempdir()) / "mlray-models" / sha256
-    if not kept.is_dir():
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{sha256[:16]}-", dir=kept.parent))
-        shutil.copytree(root, staging, dirs_exist_ok=True)
-        try:
-            staging.rename(kept)  # atomic: a concurrent loader of the same files finds a complete folder
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-    return kept
+    return keep_by_hash(root, "mlray-models", sha256)
 
 
 def load_pyfunc_dir(folder: Path, *, allow_pickle: bool, num_features: int | None = None) -> PyfuncModel:
