@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import re
 import socket
 import subprocess
@@ -41,20 +42,37 @@ def ray_processes() -> list[str]:
 class SteadyLoad:
     """Single-row requests in background threads until stopped, bounded in count and time; loopback only.
 
+    Each thread is the plain client the serving issue names: one keep-alive HTTP/1.1 connection
+    (``http.client``) and no transport retries. A request that fails on the wire (reset, closed without an
+    answer) is recorded as a failure ``(-1, exception name, "")``, and the next request opens a new
+    connection, as such a client would; a ``Connection: close`` answer is not a failure (``http.client``
+    reconnects for the next request). Unlike ``requests``/urllib3, nothing checks a pooled connection before
+    reusing it, so a server closing idle keep-alive connections shows up here.
+
     Records (status, x-model-version, x-model-role) of every final answer, (status, body, "") of errors.
-    ``retry_on_503`` makes it the client the issue describes: it retries a 503 (after ``Retry-After``,
-    capped) before giving up.
+    ``retry_on_503`` makes it a client that retries a 503 (after ``Retry-After``, capped) before giving up;
+    ``retry_on_500`` one that retries a server error at once (a canary's failures).
     """
 
     def __init__(self, url: str, *, row: list[float], threads: int = 2, max_requests: int = 20_000,
                  max_seconds: float = 180.0, headers: dict[str, str] | None = None, retry_on_503: bool = False,
                  pause_s: float = 0.0, retry_on_500: bool = False) -> None:
-        self.url, self.row, self.headers, self.retry_on_503 = url, row, headers or {}, retry_on_503
-        self.retry_on_500 = retry_on_500  # a client that retries a server error at once (a canary's failures)
+        import json
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"SteadyLoad sends to loopback only, not {parts.hostname!r}")
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.path = parts.path + (f"?{parts.query}" if parts.query else "")
+        self.body = json.dumps({"instances": [row]}).encode()
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        self.retry_on_503, self.retry_on_500 = retry_on_503, retry_on_500
         self.max_requests, self.deadline, self.pause_s = max_requests, time.monotonic() + max_seconds, pause_s
         self.results: list[tuple[int, str, str]] = []
         self._thread_of: list[int] = []  # which client thread got each result
         self.retries = 0
+        self.connections = 0  # connections opened, over all threads
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
@@ -72,43 +90,53 @@ class SteadyLoad:
         for thread in self._threads:
             thread.join(timeout=60)
 
-    def _one(self, session) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
-        import requests
+    def _connect(self) -> http.client.HTTPConnection:
+        with self._lock:
+            self.connections += 1
+        return http.client.HTTPConnection(self.host, self.port, timeout=30)
 
+    def _one(self, conn: http.client.HTTPConnection) -> tuple[int, str, str]:
         for attempt in range(20):
             try:
-                response = session.post(self.url, json={"instances": [self.row]}, headers=self.headers, timeout=30)
-            except requests.RequestException as err:
+                conn.request("POST", self.path, body=self.body, headers=self.headers)
+                response = conn.getresponse()
+                text = response.read()
+            except (OSError, http.client.HTTPException) as err:
+                conn.close()  # the next request opens a new connection; this one is lost
                 return (-1, type(err).__name__, "")
-            if response.status_code == 503 and self.retry_on_503 and attempt < 19:
+            if response.status == 503 and self.retry_on_503 and attempt < 19:
                 with self._lock:
                     self.retries += 1
                 time.sleep(min(float(response.headers.get("retry-after", "1") or 1), 0.5))
                 continue
-            if response.status_code == 500 and self.retry_on_500 and attempt < 19:
+            if response.status == 500 and self.retry_on_500 and attempt < 19:
                 with self._lock:
                     self.retries += 1
                 continue
-            if response.status_code != 200:
-                return (response.status_code, response.text[:300], "")
-            return (response.status_code, response.headers.get("x-model-version", ""),
+            if response.status != 200:
+                return (response.status, text[:300].decode(errors="replace"), "")
+            return (response.status, response.headers.get("x-model-version", ""),
                     response.headers.get("x-model-role", ""))
         raise AssertionError("unreachable")
 
     def _run(self) -> None:
-        import requests
-
-        with requests.Session() as session:
+        conn = self._connect()
+        try:
             while not self._stop.is_set() and time.monotonic() < self.deadline:
                 with self._lock:
                     if len(self.results) >= self.max_requests:
                         return
-                result = self._one(session)
+                if conn.sock is None:  # closed after a failure or a `Connection: close` answer
+                    conn.close()
+                    conn = self._connect()
+                result = self._one(conn)
                 with self._lock:
                     self.results.append(result)
                     self._thread_of.append(threading.get_ident())
                 if self.pause_s:
                     time.sleep(self.pause_s)
+        finally:
+            conn.close()
 
     def count(self) -> int:
         with self._lock:

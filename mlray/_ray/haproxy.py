@@ -11,6 +11,12 @@ rendered file, then runs the real binary:
   for the client hanging up (bench/README.md). ``MLRAY_SERVE_CANCEL_ON_DISCONNECT=1`` keeps Serve's watcher.
 - ``no-access-log``: no per-request log line from the HTTP frontend (Ray sends it to UDP 127.0.0.1:514, where
   hosts rarely listen). Kept when ``RAY_SERVE_HAPROXY_LOG_TARGET`` is set or HAProxy's metrics are on.
+- ``reload-keeps-idle`` (a check; nothing to rewrite in Ray 2.60): Serve reloads HAProxy on every change of
+  replicas, and the old process must not close its idle keep-alive connections, or a client sending on one
+  at that instant loses its request. It keeps them and answers their next request with ``Connection:
+  close`` when the config has ``option idle-close-on-response`` (Ray's optimized config), no
+  ``close-spread-time`` (``RAY_SERVE_HAPROXY_CLOSE_SPREAD_TIME_S`` unset) and a ``hard-stop-after`` longer
+  than ``timeout http-keep-alive``.
 
 A rule whose text no longer matches Ray's config is reported, never skipped in silence: the wrapper writes a
 warning to HAProxy's stderr (Ray keeps it in the session's logs), :func:`verify_against_ray` renders Ray's
@@ -87,8 +93,23 @@ def _frontend(text: str) -> str:
         "\nfrontend http_frontend\n" in text) else ""
 
 
+def _seconds(text: str, setting: str) -> float | None:
+    found = re.search(rf"^\s*{setting}\s+(\d+)(ms|s|m|h)?\s*$", text, re.M)
+    if found is None:
+        return None
+    return int(found[1]) * {"ms": 0.001, "s": 1, None: 0.001, "m": 60, "h": 3600}[found[2]]
+
+
+def _keeps_idle_on_reload(text: str, *_: int) -> bool:
+    hard_stop, keep_alive = _seconds(text, "hard-stop-after"), _seconds(text, "timeout http-keep-alive")
+    return (re.search(r"^\s*option\s+idle-close-on-response\s*$", text, re.M) is not None
+            and re.search(r"^\s*close-spread-time\b", text, re.M) is None
+            and (hard_stop is None or (keep_alive is not None and hard_stop > keep_alive)))
+
+
 RULES = {
     "loopback-binds": Rule("loopback-binds", _binds_loopback),
+    "reload-keeps-idle": Rule("reload-keeps-idle", _keeps_idle_on_reload),
     "prediction-header": Rule("prediction-header", lambda text, *_: PREDICTION_RULE in _frontend(text)),
     "no-access-log": Rule("no-access-log", lambda text, *_: NO_ACCESS_LOG_MARK in _frontend(text)),
 }
@@ -105,7 +126,7 @@ def drops_access_log() -> bool:
 
 def active_rules() -> list[Rule]:
     """The rules the wrapper applies in this environment."""
-    rules = [RULES["loopback-binds"]]
+    rules = [RULES["loopback-binds"], RULES["reload-keeps-idle"]]
     if os.environ.get("MLRAY_SERVE_CANCEL_ON_DISCONNECT") != "1":
         rules.append(RULES["prediction-header"])
     if drops_access_log():

@@ -111,6 +111,28 @@ def test_a_rule_that_matches_nothing_is_reported_by_the_wrapper_and_the_check(tm
     assert RULES["loopback-binds"].applied(config.read_text(), 8404, 9101)
 
 
+@pytest.mark.parametrize("change", ["close-spread-time", "no idle-close-on-response", "short hard-stop-after"])
+def test_a_config_that_would_close_idle_connections_on_reload_is_caught(tmp_path, default_serve_env, change):
+    """Ray's config keeps idle keep-alive connections through a reload; each way of losing that is caught."""
+    from mlray._ray.haproxy import RULES
+
+    text = render_ray_template_text(tmp_path)
+    assert RULES["reload-keeps-idle"].applied(text, 8404, 9101)
+    if change == "close-spread-time":
+        text = re.sub(r"^global$", "global\n    close-spread-time 2s", text, count=1, flags=re.M)
+    elif change == "no idle-close-on-response":
+        text = text.replace("option idle-close-on-response", "")
+    else:
+        text = re.sub(r"hard-stop-after \S+", "hard-stop-after 60s", text)
+    assert not RULES["reload-keeps-idle"].applied(text, 8404, 9101), change
+
+
+def render_ray_template_text(folder) -> str:
+    from mlray._ray.haproxy import render_ray_template
+
+    return render_ray_template(folder, stats_port=8404, metrics_port=9101).read_text()
+
+
 def test_verify_warns_loudly_when_ray_changes(monkeypatch, caplog, default_serve_env):
     from mlray._ray import haproxy
 
