@@ -20,7 +20,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
 
-DIGITS = {"name": "digits", "train": {"num_workers": 2, "epochs": 20, "lr": 0.003}}
+DIGITS = {"name": "digits", "train": {"num_workers": 2, "epochs": 10, "lr": 0.003}}
 
 
 @pytest.fixture(scope="session")

@@ -163,13 +163,6 @@ def test_candidate_failing_on_live_traffic_is_rolled_back(app, tmp_path, monkeyp
     assert app_status("pl")["targets"]["challenger"] is None
 
 
-def _compress_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("mlray.compress") is not None
-
-
-@pytest.mark.skipif(not _compress_available(), reason="mlray.compress (the compression branch) is not merged here")
 def test_candidate_whose_compressed_variant_loses_accuracy_ships_uncompressed(app, tmp_path):
     from mlray.pipeline import load_pipeline, parse_pipeline, run
     from mlray.registry import get_version
