@@ -204,3 +204,22 @@ def test_no_hook_outside_a_virtual_environment(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(sys, "prefix", sys.base_prefix)
     assert auth.hook_folder() is None
     assert auth.install_hook(tmp_path / "cluster.json") is None
+
+
+@pytest.mark.parametrize("token_path", ["/p/.mlray/secrets/ray_token", None])
+def test_the_quickstart_says_where_the_token_is(token_path: str | None) -> None:
+    from types import SimpleNamespace
+
+    from mlray.console import quickstart_report
+
+    result = SimpleNamespace(
+        train=SimpleNamespace(model_name="digits", test_accuracy=0.97, run_id="r1", version=1),
+        samples=[{"true": 3, "predicted": 3, "confidence": 0.9, "pixels": [0.0] * 64}], tracking_uri="sqlite:///x",
+        seconds=90.0, dashboard_url="http://127.0.0.1:8265", url="http://127.0.0.1:8000", ray_token_path=token_path)
+    lines = quickstart_report(result).splitlines()
+    auth_lines = [line for line in lines if line.startswith("Ray auth:")]
+    if token_path is None:
+        assert auth_lines == []
+    else:
+        assert auth_lines == [f"Ray auth:        token in {token_path} (mode 0600); this venv's `ray` and"]
+    assert lines[-1] == "Stop everything: mlray down"
