@@ -362,7 +362,8 @@ def quickstart(
         console.print_json({"run_id": result.train.run_id, "model": result.train.model_name,
                             "version": result.train.version, "test_accuracy": result.train.test_accuracy,
                             "url": result.url, "dashboard_url": result.dashboard_url,
-                            "tracking_uri": result.tracking_uri, "seconds": result.seconds,
+                            "tracking_uri": result.tracking_uri, "ray_token_path": result.ray_token_path,
+                            "seconds": result.seconds,
                             "samples": [{k: v for k, v in s.items() if k != "pixels"} for s in result.samples]})
     else:
         typer.echo(console.quickstart_report(result))

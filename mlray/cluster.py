@@ -1,7 +1,9 @@
 """Connecting to Ray: an existing cluster when there is one, else a local one started on demand.
 
 Every Ray process mlray starts gets :func:`mlray.settings.ray_process_env`, so the auth mode, the MLflow
-store and the Train settings are the same in the driver, the workers and the Serve replicas.
+store and the Train settings are the same in the driver, the workers and the Serve replicas. Unless the caller
+chose otherwise, that is token auth with mlray's own token (mlray/_ray/auth.py): a head or a throwaway local
+cluster mlray starts refuses every caller without it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from mlray import settings
+from mlray._ray import auth
 from mlray.errors import MlrayError
 
 logger = logging.getLogger(__name__)
@@ -31,12 +34,27 @@ class HeadInfo:
     address: str
     dashboard_url: str
     started_here: bool
+    auth_mode: str = "disabled"
+    token_path: str | None = None  # where its callers find the token, when in a file
 
 
 def apply_env() -> None:
-    """Give this process (and the Ray processes it starts) mlray's environment, without overriding."""
-    for key, value in settings.ray_process_env().items():
+    """Give this process (and the Ray processes it starts) mlray's environment, without overriding; creates
+    mlray's Ray token when that is the one to use."""
+    env = ray_env()
+    auth_before = {key: os.environ.get(key) for key in auth.AUTH_ENV}
+    for key, value in env.items():
         os.environ.setdefault(key, value)
+    if {key: os.environ.get(key) for key in auth.AUTH_ENV} != auth_before:
+        auth.refresh_ray_config()
+
+
+def ray_env() -> dict[str, str]:
+    """:func:`settings.ray_process_env`, after creating (or checking) mlray's token if it names it."""
+    env = settings.ray_process_env()
+    if env.get("RAY_AUTH_TOKEN_PATH") == str(settings.ray_token_path()):
+        auth.ensure_token(settings.ray_token_path())
+    return env
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
@@ -79,7 +97,7 @@ def resolve_address(address: str | None) -> str | None:
         if _same_url(info.get("dashboard_url", ""), url):
             return str(info["address"])
     try:
-        version = requests.get(f"{url}/api/version", timeout=10)
+        version = requests.get(f"{url}/api/version", headers=auth.bearer({**os.environ, **ray_env()}), timeout=10)
         version.raise_for_status()
         version.json()["ray_version"]
     except (requests.RequestException, ValueError, KeyError) as err:
@@ -113,8 +131,11 @@ def start_head(*, num_cpus: int | None = None, dashboard_port: int = DASHBOARD_P
     if record.exists():
         info = json.loads(record.read_text())
         if subprocess.run([_ray_cli(), "status", "--address", info["address"]], capture_output=True,
-                          env={**os.environ, **settings.ray_process_env()}, timeout=60).returncode == 0:
-            return HeadInfo(info["address"], info["dashboard_url"], started_here=False)
+                          env={**os.environ, **ray_env()}, timeout=60).returncode == 0:
+            if info.get("token_path"):
+                auth.install_hook(record)
+            return HeadInfo(info["address"], info["dashboard_url"], started_here=False,
+                            auth_mode=info.get("auth_mode", "disabled"), token_path=info.get("token_path"))
         record.unlink()
     cmd = [_ray_cli(), "start", "--head", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
            "--disable-usage-stats"]
@@ -122,18 +143,25 @@ def start_head(*, num_cpus: int | None = None, dashboard_port: int = DASHBOARD_P
         cmd.append(f"--num-cpus={num_cpus}")
     from mlray.serve_env import serve_head_env
 
-    env = {**os.environ, **settings.ray_process_env(), **serve_head_env(settings.home())}
+    env = {**os.environ, **ray_env(), **serve_head_env(settings.home())}
     # Job entrypoints (`ray job submit -- python ...`) run with the head's PATH: put this interpreter's
     # folder first, so `python` there is the one mlray is installed in, not whatever the caller's PATH had.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if done.returncode != 0:
         raise MlrayError(f"`ray start --head` failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    address = _gcs_address_from(done.stdout + done.stderr)
-    info = HeadInfo(address=address, dashboard_url=f"http://127.0.0.1:{dashboard_port}", started_here=True)
+    mode = env["RAY_AUTH_MODE"].lower()
+    # The token file, when the head's callers find theirs in a file: the venv's hook reads it from the record.
+    token_path = env.get("RAY_AUTH_TOKEN_PATH") if mode == "token" and not env.get("RAY_AUTH_TOKEN") else None
+    info = HeadInfo(address=_gcs_address_from(done.stdout + done.stderr),
+                    dashboard_url=f"http://127.0.0.1:{dashboard_port}", started_here=True, auth_mode=mode,
+                    token_path=str(Path(token_path).resolve()) if token_path else None)
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"address": info.address, "dashboard_url": info.dashboard_url}))
-    logger.info("Started a local Ray head at %s (dashboard %s)", info.address, info.dashboard_url)
+    record.write_text(json.dumps({"address": info.address, "dashboard_url": info.dashboard_url, "auth_mode": mode,
+                                  **({"token_path": info.token_path} if info.token_path else {})}))
+    hook = auth.install_hook(record) if info.token_path else None
+    logger.info("Started a local Ray head at %s (dashboard %s, auth %s%s)", info.address, info.dashboard_url,
+                env["RAY_AUTH_MODE"], f"; this venv's Ray CLIs find the token through {hook}" if hook else "")
     return info
 
 
@@ -152,5 +180,6 @@ def stop_head() -> bool:
         return False
     env = {**os.environ, **settings.ray_process_env()}
     subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, env=env, timeout=120)
+    auth.remove_hook(record)
     record.unlink()
     return True

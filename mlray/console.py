@@ -108,6 +108,9 @@ def quickstart_report(result: Any) -> str:
         lines.append(f"  true {sample['true']}  predicted {sample['predicted']}  (p={sample['confidence']:.3f})")
     store = result.tracking_uri
     pixels = ", ".join(str(int(v)) for v in result.samples[0]["pixels"])
+    auth = (f"Ray auth:        token in {result.ray_token_path} (mode 0600); this venv's `ray` and\n"
+            "                 `serve` use it; the dashboard asks for it once (`ray get-auth-token`)\n"
+            if result.ray_token_path else "")
     lines.append(f"""
 Test accuracy:   {result.train.test_accuracy:.4f}  (run {result.train.run_id}, version {result.train.version})
 Done in:         {result.seconds:.0f} s
@@ -116,5 +119,5 @@ MLflow UI:       mlflow ui --backend-store-uri {store} --host 127.0.0.1 --port 5
 Endpoint:        {result.url}/v1/models/{model}:predict
 Try it (a {result.samples[0]["true"]}): curl -s -X POST {result.url}/v1/models/{model}:predict \\
                    -H 'Content-Type: application/json' -d '{{"instances": [[{pixels}]]}}'
-Stop everything: mlray down""")
+{auth}Stop everything: mlray down""")
     return "\n".join(lines)

@@ -33,6 +33,7 @@ class QuickstartResult:
     url: str
     dashboard_url: str
     tracking_uri: str
+    ray_token_path: str | None = None  # the head's token (token auth), else None
     samples: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -62,7 +63,7 @@ def quickstart(cfg: JobConfig, *, serve_config: str | None = None, port: int | N
     samples = [{"true": int(t), "predicted": label, "confidence": float(np.max(p)), "pixels": row.tolist()}
                for row, t, label, p in zip(x, y, answer["labels"], answer["predictions"], strict=True)]
     return QuickstartResult(train=result, promotion=promotion, url=url, dashboard_url=head.dashboard_url,
-                            tracking_uri=settings.tracking_uri(), samples=samples,
+                            tracking_uri=settings.tracking_uri(), ray_token_path=head.token_path, samples=samples,
                             seconds=time.perf_counter() - started)
 
 
@@ -77,6 +78,7 @@ def down() -> bool:
 
             from ray import serve
 
+            cluster.apply_env()  # the head's auth, where this process did not get it at start (the venv's hook)
             ray.init(address=json.loads(record.read_text())["address"], log_to_driver=False)
             serve.shutdown()
         except Exception as err:  # noqa: BLE001 - the head may be gone already; stop it regardless

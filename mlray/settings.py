@@ -18,10 +18,6 @@ from mlray._ray.env import TRAIN_ENV, train_env
 
 HOME_ENV = "MLRAY_HOME"
 
-# Set on every Ray process mlray starts. Ray 2.60 turns token auth on by itself when it finds
-# ~/.ray/auth_token, after which CLIs fail with "Missing authentication token"; the local embedded cluster
-# binds its dashboard to 127.0.0.1 and chooses the mode explicitly instead of inheriting what a machine
-# has lying around. MLRAY_RAY_AUTH_MODE=token switches it on (see docs/operations.md).
 RAY_ENV_DEFAULTS = TRAIN_ENV  # the Ray Train knobs (mlray/_ray/env.py)
 
 
@@ -66,14 +62,32 @@ def checkpoint_root() -> Path:
     return home() / "checkpoints"
 
 
-def ray_auth_mode() -> str:
-    return os.environ.get("MLRAY_RAY_AUTH_MODE", "disabled")
+def ray_token_path() -> Path:
+    """The token of the local head mlray starts (created on first use, mode 0600: mlray/_ray/auth.py)."""
+    return home() / "secrets" / "ray_token"
+
+
+def ray_auth_env() -> dict[str, str]:
+    """How the Ray processes mlray starts and the Ray clients it runs authenticate.
+
+    The caller's own choice when it made one: ``MLRAY_RAY_AUTH_MODE`` (set on cluster nodes), else
+    ``RAY_AUTH_MODE``, else Ray's token variables (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``: token auth
+    with that token). Otherwise token auth with mlray's own token (:func:`ray_token_path`): the local head
+    then refuses every caller without it, on every port Ray opens beyond loopback. Always explicit, so a
+    stray ``~/.ray/auth_token`` never decides the mode.
+    """
+    chosen = os.environ.get("MLRAY_RAY_AUTH_MODE") or os.environ.get("RAY_AUTH_MODE")
+    if chosen:
+        return {"RAY_AUTH_MODE": chosen}
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return {"RAY_AUTH_MODE": "token"}
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_token_path())}
 
 
 def ray_process_env() -> dict[str, str]:
     """Environment for Ray processes mlray starts (``ray start``, ``ray.init``) and Ray CLIs it calls."""
     env = train_env()
-    env["RAY_AUTH_MODE"] = ray_auth_mode()
+    env.update(ray_auth_env())
     env[HOME_ENV] = str(home())
     env["MLFLOW_TRACKING_URI"] = tracking_uri()
     env["MLRAY_ARTIFACT_ROOT"] = artifact_root()

@@ -7,6 +7,8 @@ the installed Ray differs or when the item finds nothing to act on:
 - :mod:`mlray._ray.env`: every ``RAY_TRAIN_*`` / ``RAY_SERVE_*`` environment knob mlray sets.
 - :mod:`mlray._ray.haproxy`: the wrapper around Serve's HAProxy binary and its rewrite rules for the
   config Ray renders (loopback binds, the prediction routes' header, no per-request log line).
+- :mod:`mlray._ray.auth`: token auth for the local head (mlray's token, mode 0600), the venv hook through
+  which Ray's CLIs find it, and re-reading Ray's config in a process that imported Ray first.
 - :mod:`mlray._ray.agent`: lowering the priority of this node's Ray metrics agent (opt-in).
 - :mod:`mlray._ray.placement_groups`: finding placement groups whose creator died (Ray's GCS records), and
   a restored Tuner's run config.

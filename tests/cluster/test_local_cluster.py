@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import grpc
 import pytest
 import requests
 import yaml
@@ -25,6 +24,7 @@ import yaml
 from mlray.listeners import EXPOSED_BY_DESIGN, LOOPBACK, WILDCARD, Listener, findings
 from tests.cluster.conftest import BIN, IDLE_TIMEOUT_MINUTES, ROOT, LabCluster, Tunnel
 from tests.helpers import free_port, wait_for
+from tests.listener_probes import how_it_refuses
 
 pytestmark = pytest.mark.integration
 
@@ -184,59 +184,6 @@ def test_a_job_that_needs_more_than_the_head_adds_a_worker_registers_and_the_idl
 
 
 # -- what the head exposes ---------------------------------------------------------------------------------
-
-CORE_WORKER = "/ray.rpc.CoreWorkerService/GetCoreWorkerStats"
-GRPC_METHODS = {  # a real method of each gRPC service a role serves, called without a token
-    "ray-gcs": ["/ray.rpc.NodeInfoGcsService/GetAllNodeInfo"],
-    "ray-raylet": ["/ray.rpc.NodeManagerService/GetNodeStats", "/ray.rpc.ObjectManagerService/Pull"],
-    "ray-dashboard-agent": ["/ray.rpc.ReporterService/HealthCheck", CORE_WORKER],
-    "ray-client-server": ["/ray.rpc.RayletDriver/ClusterInfo"],
-    "ray-core-worker": [CORE_WORKER],
-}
-
-
-def grpc_refusal(address: str, port: int, methods: list[str]) -> str | None:
-    """The UNAUTHENTICATED detail of the first of ``methods`` the port serves, called without a token."""
-    with grpc.insecure_channel(f"{address}:{port}") as channel:
-        for method in methods:
-            call = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
-            try:
-                call(b"", timeout=10)
-                return None
-            except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    return str(err.details())
-                if err.code() != grpc.StatusCode.UNIMPLEMENTED:
-                    return None
-    return None
-
-
-def http_answer(address: str, port: int, path: str = "/") -> tuple[int, str] | None:
-    try:
-        response = requests.get(f"http://{address}:{port}{path}", timeout=10)
-    except requests.RequestException:
-        return None  # not HTTP/1.1 (a gRPC port)
-    return response.status_code, response.text[:200]
-
-
-def how_it_refuses(role: str, address: str, port: int) -> str:
-    """How a listener answers a caller from outside the head that holds no credentials."""
-    if role == "sshd":
-        done = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "PubkeyAuthentication=no", "-o",
-                               "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-p", str(port),
-                               f"root@{address}", "true"], capture_output=True, text=True, timeout=30)
-        return "ssh: publickey only" if "Permission denied (publickey)" in done.stderr else done.stderr
-    answer = http_answer(address, port)
-    if answer is not None:
-        if answer[0] == 401:
-            return "http: 401"
-        metrics = http_answer(address, port, "/metrics")
-        if metrics and metrics[0] == 200 and metrics[1].startswith("# HELP"):
-            return "metrics: open, read-only"
-        return f"ANSWERED: {answer}"
-    refusal = grpc_refusal(address, port, GRPC_METHODS.get(role, []))
-    return f"grpc: UNAUTHENTICATED ({refusal})" if refusal else "ANSWERED: gRPC without a token"
-
 
 @pytest.mark.timeout(240)
 def test_the_head_exposes_only_the_known_listeners_and_each_refuses_callers_without_credentials(

@@ -8,6 +8,7 @@ README says. A ``.mlray/`` already there is moved aside for the run and put back
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.docs.blocks import ROOT, Shell
-from tests.docs.pictures import GENERATED, copy_run_report, screenshot
+from tests.docs.pictures import GENERATED, copy_run_report, screenshot, with_headers
 from tests.helpers import ray_processes, wait_for
 
 SETUP = "make quickstart"
@@ -52,7 +53,9 @@ def docs(tmp_path_factory: pytest.TempPathFactory):
         output = done.stdout
         assert done.returncode == 0, f"`{SETUP}` failed (exit {done.returncode}):\n{output[-4000:]}"
         copy_run_report(state / "artifacts", GENERATED)
-        screenshot("http://127.0.0.1:8265/#/overview", GENERATED / "ray-dashboard.png", wait_ms=8000)
+        # The head runs with token auth: the dashboard asks a browser for the token once (a cookie after).
+        with with_headers("http://127.0.0.1:8265", head_bearer()) as dashboard:
+            screenshot(f"{dashboard}/#/overview", GENERATED / "ray-dashboard.png", wait_ms=8000)
         yield DocsSession(shell, output)
     finally:
         stopped = shell.run(f'cd "{ROOT}"\n{TEARDOWN}', timeout=300)  # a page may have left the shell elsewhere
@@ -61,6 +64,22 @@ def docs(tmp_path_factory: pytest.TempPathFactory):
             shutil.rmtree(state, ignore_errors=True)
             saved.rename(state)
         assert stopped.returncode == 0, stopped.stdout
+
+
+def head_record() -> dict:
+    """What mlray recorded about the head `make quickstart` started (.mlray/cluster.json)."""
+    return json.loads((ROOT / ".mlray" / "cluster.json").read_text())
+
+
+def head_auth_env() -> dict[str, str]:
+    """How a process of this test reaches the README's head: with its token, as the venv's hook gives the
+    shell's commands (this process itself runs with RAY_AUTH_MODE=disabled, the test clusters' mode)."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": head_record()["token_path"]}
+
+
+def head_bearer() -> dict[str, str]:
+    token = open(head_auth_env()["RAY_AUTH_TOKEN_PATH"]).read().strip()
+    return {"Authorization": f"Bearer {token}"}
 
 
 def makefile_runs(target: str) -> str:

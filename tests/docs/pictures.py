@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
@@ -62,3 +66,43 @@ def screenshot(url: str, into: Path, *, wait_ms: int = 5000, size: str = "1280,8
     assert into.exists() and into.stat().st_size > 10_000, (
         f"no screenshot of {url} (chromium exit {done.returncode}): {done.stderr[-2000:]}")
     return into
+
+
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-encoding", "content-length", "host"}
+
+
+@contextmanager
+def with_headers(target: str, headers: dict[str, str]) -> Iterator[str]:
+    """A loopback HTTP proxy to ``target`` that adds ``headers`` to every request; yields its URL.
+
+    Headless Chromium has no flag for a request header or a cookie, and the dashboard of a head with token
+    auth answers 401 to every API call without one (a person types the token once; a cookie keeps it).
+    """
+
+    class Forward(BaseHTTPRequestHandler):
+        def _forward(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+            sent = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+            answer = requests.request(self.command, f"{target}{self.path}", data=body, timeout=60,
+                                      headers={**sent, **headers}, allow_redirects=False)
+            self.send_response(answer.status_code)
+            for key, value in answer.headers.items():
+                if key.lower() not in HOP_BY_HOP:
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(answer.content)))
+            self.end_headers()
+            self.wfile.write(answer.content)
+
+        do_GET = do_HEAD = do_POST = _forward
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

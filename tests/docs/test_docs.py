@@ -9,6 +9,7 @@ Blocks that cannot run on one machine carry ``pytest.mark.skip`` with a reason t
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import requests
 import yaml
 
 from tests.docs.blocks import ROOT, Block, blocks, output_matches, pages
-from tests.docs.conftest import SETUP, DocsSession, makefile_runs
+from tests.docs.conftest import SETUP, DocsSession, head_auth_env, head_record, makefile_runs
 from tests.docs.pictures import GENERATED, screenshot
 from tests.helpers import ray_processes, wait_for
 
@@ -92,8 +93,9 @@ def test_block(block: Block, docs: DocsSession) -> None:
 
 
 def serve(*args: str) -> str:
-    """Serve's CLI, from the repository root; its stdout."""
-    done = subprocess.run([str(BIN / "serve"), *args], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    """Serve's CLI, from the repository root, with the head's token; its stdout."""
+    done = subprocess.run([str(BIN / "serve"), *args], capture_output=True, text=True, timeout=180, cwd=ROOT,
+                          env={**os.environ, **head_auth_env()})
     assert done.returncode == 0, f"serve {' '.join(args)}: exit {done.returncode}\n{done.stdout}{done.stderr}"
     return done.stdout
 
@@ -175,6 +177,78 @@ def test_a_failed_deploy_leaves_the_previous_version_serving(docs: DocsSession, 
     answer = requests.post(f"{SERVE_URL}/v1/models/digits:predict", json={"instances": row}, timeout=10)
     assert answer.status_code == 200 and answer.headers["x-model-version"] == str(before["version"])
     # Left as it is: the next test stops the head (a redeploy of the good YAML cost ~50 s here).
+
+
+def head_processes(home: Path) -> dict[int, dict[str, str]]:
+    """Every process of the README's head, by pid, with its environment: each inherits ``ray start``'s, and
+    with it the head's state folder (mlray.settings.ray_process_env)."""
+    import psutil
+
+    found = {}
+    for process in psutil.process_iter():
+        try:
+            env = process.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if env.get("MLRAY_HOME") == str(home) and "RAY_AUTH_MODE" in env:
+            found[process.pid] = env
+    return found
+
+
+def test_every_listener_of_the_quickstart_head_is_loopback_or_refuses_callers_without_the_token(
+        docs: DocsSession) -> None:
+    """Nothing the README's head exposes to the network runs code for a caller without credentials.
+
+    Every TCP listener of every process of the head is on loopback, or, called from outside without a token,
+    refuses: HTTP 401, gRPC UNAUTHENTICATED (tests/listener_probes.py). The only open ones beyond loopback
+    serve Prometheus metrics, read-only, and only Ray's metrics roles may (the dashboard's, the autoscaler's
+    and each agent's exporter: Ray binds them to the node's address, with no setting; they run nothing).
+    """
+    from mlray.listeners import EXPOSED_BY_DESIGN, LOOPBACK, WILDCARD, listeners
+    from tests.listener_probes import OPEN_READ_ONLY, how_it_refuses
+
+    record = head_record()
+    assert record["auth_mode"] == "token", record
+    processes = head_processes(ROOT / ".mlray")
+    assert {env["RAY_AUTH_MODE"] for env in processes.values()} == {"token"}, processes.keys()
+    node_ip = record["address"].rsplit(":", 1)[0]
+    # The head's processes by their environment, and any Ray process by its role (the tier runs one head).
+    found = [item for item in listeners() if item.pid in processes or item.role.startswith("ray-")]
+    assert {"ray-gcs", "ray-raylet", "ray-dashboard", "ray-client-server", "ray-serve-haproxy"} <= {
+        item.role for item in found}, found
+    answers = {}
+    for item in found:
+        if item.reach == LOOPBACK:
+            continue
+        assert item.role in EXPOSED_BY_DESIGN, item
+        address = node_ip if item.reach == WILDCARD else item.address.removeprefix("::ffff:")
+        answers[f"{item.role}@{item.address}:{item.port}"] = how_it_refuses(item.role, address, item.port)
+    print("\nthe quickstart head's listeners beyond loopback, called without a token:\n  " + "\n  ".join(
+        f"{where}: {answer}" for where, answer in sorted(answers.items())))
+    assert answers, "no listener beyond loopback: the audit found nothing to call"
+    assert not [where for where, answer in answers.items() if answer.startswith("ANSWERED")], answers
+    open_ones = {where.split("@")[0] for where, answer in answers.items() if answer == OPEN_READ_ONLY}
+    assert open_ones <= {"ray-dashboard", "ray-autoscaler", "ray-dashboard-agent"}, answers
+    refused = {where.split("@")[0] for where, answer in answers.items() if answer != OPEN_READ_ONLY}
+    assert {"ray-gcs", "ray-raylet", "ray-client-server"} <= refused, answers
+
+
+def test_the_readme_cli_commands_send_the_token_and_are_refused_without_it(docs: DocsSession,
+                                                                           tmp_path: Path) -> None:
+    """From a fresh shell that only activated the venv, as the README's blocks ran: `ray` and `serve` reach
+    the head through the dashboard with the token the venv's hook hands them; with token auth off, the
+    same commands are refused."""
+    from tests.docs.blocks import Shell
+
+    shell = Shell(home=tmp_path / "home", state=tmp_path / "shell")
+    jobs = "ray job list --address http://127.0.0.1:8265"
+    done = shell.run(f"source .venv/bin/activate\n{jobs}\nserve status\nray get-auth-token", timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert open(head_auth_env()["RAY_AUTH_TOKEN_PATH"]).read() in done.stdout  # the token the head runs with
+    for command in (jobs, "serve status"):
+        refused = shell.run(f"source .venv/bin/activate\nRAY_AUTH_MODE=disabled {command}", timeout=300)
+        assert refused.returncode != 0, f"{command} without the token: {refused.stdout[-3000:]}"
+        assert "401" in refused.stdout or "Authentication required" in refused.stdout, refused.stdout[-3000:]
 
 
 @pytest.mark.parametrize("block", params(STOPS))
