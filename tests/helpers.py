@@ -142,6 +142,10 @@ class SteadyLoad:
         with self._lock:
             return len(self.results)
 
+    def running(self) -> bool:
+        """Whether any client thread still sends (each stops at ``max_requests`` or ``max_seconds``)."""
+        return any(thread.is_alive() for thread in self._threads)
+
     def failures(self) -> list[tuple[int, str, str]]:
         with self._lock:
             return [r for r in self.results if r[0] != 200]

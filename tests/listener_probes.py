@@ -68,5 +68,8 @@ def how_it_refuses(role: str, address: str, port: int) -> str:
         if metrics and metrics[0] == 200 and metrics[1].startswith("# HELP"):
             return OPEN_READ_ONLY
         return f"ANSWERED: {answer}"
-    refusal = grpc_refusal(address, port, GRPC_METHODS.get(role, []))
+    # Any Ray process that joined the cluster as a driver (the dashboard's head process does) also serves a
+    # core worker's gRPC service on a port of its own.
+    methods = list(dict.fromkeys([*GRPC_METHODS.get(role, []), CORE_WORKER]))
+    refusal = grpc_refusal(address, port, methods)
     return f"grpc: UNAUTHENTICATED ({refusal})" if refusal else "ANSWERED: gRPC without a token"
