@@ -72,7 +72,6 @@ class SteadyLoad:
         self.results: list[tuple[int, str, str]] = []
         self._thread_of: list[int] = []  # which client thread got each result
         self.retries = 0
-        self.connections = 0  # connections opened, over all threads
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
@@ -89,11 +88,6 @@ class SteadyLoad:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=60)
-
-    def _connect(self) -> http.client.HTTPConnection:
-        with self._lock:
-            self.connections += 1
-        return http.client.HTTPConnection(self.host, self.port, timeout=30)
 
     def _one(self, conn: http.client.HTTPConnection) -> tuple[int, str, str]:
         for attempt in range(20):
@@ -120,15 +114,14 @@ class SteadyLoad:
         raise AssertionError("unreachable")
 
     def _run(self) -> None:
-        conn = self._connect()
+        # A closed connection (after a failure, or an answer with `Connection: close`) opens a new socket on
+        # its next request: http.client's own behaviour.
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
         try:
             while not self._stop.is_set() and time.monotonic() < self.deadline:
                 with self._lock:
                     if len(self.results) >= self.max_requests:
                         return
-                if conn.sock is None:  # closed after a failure or a `Connection: close` answer
-                    conn.close()
-                    conn = self._connect()
                 result = self._one(conn)
                 with self._lock:
                     self.results.append(result)

@@ -122,11 +122,12 @@ def _traffic_continues(load: SteadyLoad, what: str) -> None:
                              f"status {serve.status().applications['ha'].deployments['ModelServer']}") from err
 
 
-# What makes these pass: a request running on a replica at the instant it dies gets
-# no answer from it, and HAProxy replays it on the other replica (mlray's RAY_SERVE_HAPROXY_RETRY_ON adds
-# empty-response to Ray's conn-failure; Serve's Python proxy answered it 500). Each change of replicas makes
-# Serve reload HAProxy; the old process keeps its idle keep-alive connections and answers their next request
-# with `Connection: close` (`option idle-close-on-response`, no `close-spread-time`: mlray/_ray/haproxy.py).
+# What these rely on: a request running on a replica at the instant it dies gets no answer from it, and
+# HAProxy replays it on the other replica when it can (mlray's RAY_SERVE_HAPROXY_RETRY_ON adds empty-response
+# to Ray's conn-failure); one whose answer had started cannot be replayed (the SIGKILL test's known failure).
+# Each change of replicas makes Serve reload HAProxy; the old process keeps its idle keep-alive connections
+# and answers their next request with `Connection: close` (`option idle-close-on-response`, no
+# `close-spread-time`: mlray/_ray/haproxy.py).
 
 
 @pytest.mark.xfail(strict=False, reason=(
