@@ -1,6 +1,7 @@
 """Acceptance of the pipeline issue on the real local cluster, under steady client load: a better candidate
 becomes champion, and the pipeline killed mid-canary finishes from there without retraining (a, d: one test,
-one training); a worse one stops at the gate (b); one that fails on live traffic is rolled back (c)."""
+one training); a worse one, the best trial of a Ray Tune sweep (`trainer: tune`), stops at the gate (b); one that
+fails on live traffic is rolled back (c)."""
 
 from __future__ import annotations
 
@@ -28,14 +29,19 @@ CANARY = {"weights": [0.2, 0.5], "hold_s": 3, "min_requests": 10, "max_hold_s": 
           "max_p99_ratio": 10.0, "p99_slack_s": 0.5}
 
 
-def _write_pipeline(folder: Path, *, train: dict | None = None, model: dict | None = None) -> Path:
+def _write_pipeline(folder: Path, *, train: dict | None = None, model: dict | None = None,
+                    tune: dict | None = None) -> Path:
+    """A pipeline of job `pl` (digits); with ``tune``, the job's sweep section and ``trainer: tune``."""
     job = {**DIGITS, "name": "pl", "experiment": "pl", "train": {**DIGITS["train"], **(train or {})}}
     if model:
         job["model"] = model
+    if tune:
+        job["tune"] = tune
     (folder / "job.yaml").write_text(yaml.safe_dump(job))
     path = folder / "pipeline.yaml"
     path.write_text(yaml.safe_dump({"job": str(folder / "job.yaml"), "experiment": "pl-pipeline",
-                                    "canary": CANARY, "rollout_timeout_s": 60}))
+                                    "trainer": "tune" if tune else "train", "canary": CANARY,
+                                    "rollout_timeout_s": 60}))
     return path
 
 
@@ -119,20 +125,34 @@ def test_better_candidate_becomes_champion_after_a_kill_mid_canary(app, ray_clus
     assert meta["version"] == candidate and meta["lineage"]["mlray.pipeline.id"] == "kill"
 
 
-def test_worse_candidate_stops_at_the_gate_and_serving_is_untouched(app, tmp_path):
+def test_worse_candidate_from_a_tune_sweep_stops_at_the_gate_and_serving_is_untouched(app, tmp_path):
+    """`trainer: tune` on the cluster: a 2-trial sweep of 1-epoch trainings registers its best trial, which
+    is worse than the 10-epoch champion, so the gate refuses it."""
     import requests
 
     from mlray.pipeline import load_pipeline, run
     from mlray.registry import get_version
     from mlray.serving.deploy import app_status
+    from mlray.tracking import client
 
     champion = _champion()
-    result = run(load_pipeline(_write_pipeline(tmp_path, train={"epochs": 1})), pipeline_id="worse")
-    assert result.outcome == "refused" and "is not better than" in result.reason
+    sweep = {"num_samples": 1, "scheduler": {"type": "fifo"},  # a grid of 2: 2 trials
+             "search_space": {"train.lr": {"grid": [0.001, 0.003]}}}
+    result = run(load_pipeline(_write_pipeline(tmp_path, train={"epochs": 1}, tune=sweep)), pipeline_id="worse")
+    assert result.outcome == "refused" and "is not better than" in result.reason, result.reason
     assert _champion() == champion
     assert [n for n, s in result.steps.items() if s.status == "skipped"] == [
         "register", "compress", "deploy", "watch", "finish"]
-    worse = get_version("pl", version=int(result.steps["train"].outputs["version"]))
+    trained = result.steps["train"].outputs
+    assert trained["sweep"] == "pipeline-worse" and trained["best_config"]["train.lr"] in (0.001, 0.003), trained
+    # the version registered is the sweep's best trial: the best val_accuracy of the sweep's 2 trial runs
+    best = client().get_run(trained["run_id"])
+    swept = client().search_runs([best.info.experiment_id], "tags.`mlray.sweep_name` = 'pipeline-worse'")
+    trials = [run for run in swept if "mlray.trial_id" in run.data.tags]
+    scores = {run.info.run_id: run.data.metrics["val_accuracy"] for run in trials if "val_accuracy" in run.data.metrics}
+    assert len(scores) == 2 and max(scores, key=scores.__getitem__) == trained["run_id"], scores
+    worse = get_version("pl", version=int(trained["version"]))
+    assert worse.run_id == trained["run_id"]
     assert worse.aliases == [] and "is not better than" in worse.tags["mlray.pipeline.gate"]
     status = app_status("pl")
     assert status["targets"] == {"champion": champion, "challenger": None}
