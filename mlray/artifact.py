@@ -15,13 +15,14 @@ the user's module (a Serve replica, ``mlflow.pyfunc.load_model``) rebuilds the s
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ class LoadedModel:
     class_names: list[str]
     meta: dict[str, Any]
     device: torch.device = torch.device("cpu")
+    _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_features(self) -> int:
@@ -82,11 +84,35 @@ class LoadedModel:
 
     @torch.inference_mode()
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """(N, F) float -> float32 (N, K): class probabilities for classification, values for regression."""
-        out = self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device))
-        if self.task == "classification":
-            out = torch.softmax(out, dim=1)
-        return out.float().cpu().numpy()
+        """(N, F) float -> float32 (N, K): class probabilities for classification, values for regression.
+
+        Rows whose float32 forward pass overflows (inputs near float32's limit) are computed again in float64,
+        where a classifier's probabilities are finite for any float32 input; a regressor's value beyond
+        float32's range stays non-finite, and serving refuses that row by name.
+        """
+        out = self._forward(self.model, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        result = out.float().cpu().numpy()
+        overflowed = ~np.isfinite(result).all(axis=1)
+        if overflowed.any() and (wide := self._float64_model()) is not None:
+            rows = torch.from_numpy(np.asarray(x, dtype=np.float64)[overflowed])
+            with np.errstate(over="ignore"):  # a regressor's value beyond float32: inf, refused by serving
+                result[overflowed] = self._forward(wide, rows).cpu().numpy().astype(np.float32)
+        return result
+
+    def _forward(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = model(x.to(self.device))
+        return torch.softmax(out, dim=1) if self.task == "classification" else out
+
+    def _float64_model(self) -> torch.nn.Module | None:
+        """A float64 copy of the model, made on first need and kept; None for a variant that has no float64
+        form (int8 kernels, an ONNX body)."""
+        if "float64" not in self._cache:
+            try:
+                self._cache["float64"] = copy.deepcopy(self.model).double() if self.variant == "none" else None
+            except (RuntimeError, TypeError, NotImplementedError) as err:
+                logger.warning("no float64 copy of %s for rows that overflow float32: %s", self.meta.get("name"), err)
+                self._cache["float64"] = None
+        return self._cache["float64"]
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """(N, F) -> (N, K) class probabilities; the name from before regression (see :meth:`predict`)."""

@@ -164,10 +164,11 @@ class PredictionCore:
                 raise
             self.versions.record_call(role, served.info.version, time.perf_counter() - started, ok=True)
         if not np.isfinite(probabilities).all():
-            # JSON has no NaN. Every version passed a finite warm-up, so it is this input: values near float32's
-            # limit overflow the network. A 4xx naming the rows, not a bare 500.
+            # JSON has no NaN. Every version passed a finite warm-up, and rows that overflow float32 were computed
+            # again in float64 (LoadedModel.predict), so it is this input: a regressor's value beyond float32, or
+            # a model with no float64 form. A 4xx naming the rows, not a bare 500.
             rows = np.flatnonzero(~np.isfinite(probabilities).all(axis=1))
-            raise InvalidInput(f"version {served.info.version} gives no finite probabilities for row(s) "
+            raise InvalidInput(f"version {served.info.version} gives no finite output for row(s) "
                                f"{rows[:10].tolist()} of this request: their values (largest |x| = "
                                f"{float(np.abs(x[rows]).max()):.3g}) overflow the model")
         challenger = self.cfg.challenger

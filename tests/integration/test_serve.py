@@ -85,8 +85,6 @@ BAD_REQUESTS = [
     ("NaN", '{"instances": [[' + ",".join(["0"] * 63 + ["NaN"]) + "]]}", 422, "NaN is not a number"),
     ("infinity", '{"instances": [[' + ",".join(["0"] * 63 + ["-Infinity"]) + "]]}", 422, "-Infinity"),
     ("too many rows", {"instances": [ROW] * 1025}, 413, "1025 rows; the limit is 1024"),
-    # Finite float32 values that overflow the network: the answer would hold NaN, which JSON cannot carry.
-    ("overflowing values", {"instances": [ROW, [3e38] * 64]}, 422, "no finite probabilities for row(s) [1]"),
 ]
 
 
@@ -95,6 +93,16 @@ def test_bad_request_gets_4xx_naming_the_problem(served, case, body, status, mes
     response = _predict(served, body)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
+
+
+def test_values_near_float32s_limit_get_finite_probabilities(served):
+    """Any finite float32 input is answered: rows that overflow the trained network in float32 are computed
+    again in float64 on the replica (the OpenAPI document promises every number within float32's range)."""
+    response = _predict(served, {"instances": [ROW, [3e38] * 64, [-3.4e38] * 32 + [3.4e38] * 32]})
+    assert response.status_code == 200, response.text
+    probabilities = np.asarray(response.json()["predictions"])
+    assert probabilities.shape == (3, 10) and np.isfinite(probabilities).all()
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 
 
 def test_routing_errors_and_replica_still_answers(served):

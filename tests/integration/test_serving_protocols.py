@@ -238,11 +238,6 @@ def test_invocations_csv_and_parquet_equal_the_json_answer(secure):
     assert "csv header" in bad.json()["message"]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known failure: schemathesis's ST202 (schema-valid request rejected) finds inputs within float32's range "
-    "(|x| near 3.4e38) that overflow the trained digits network; mlray refuses them with a 4xx naming the rows, "
-    "which the document cannot express as a schema bound. Passes on an untrained model (tests/unit/"
-    "test_openapi_fuzz.py). To fix: a documented input range per model, or the overflow answered another way."))
 def test_schemathesis_all_checks_on_the_deployed_app(secure, tmp_path):
     """The same run as tests/unit/test_openapi_fuzz.py, through Serve's proxy to a real replica."""
     from tests.unit.test_openapi_fuzz import run_schemathesis

@@ -4,6 +4,7 @@ routes, middlewares, error renderer and OpenAPI document."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 
 import numpy as np
@@ -11,7 +12,9 @@ import pytest
 import torch
 from starlette.testclient import TestClient
 
+from mlray.artifact import LoadedModel
 from mlray.errors import InvalidInput, NotFound
+from mlray.models import ModelSpec, build
 from mlray.serving import routes
 from mlray.serving.app import build_api
 from mlray.serving.auth import KeyGuard, hash_key
@@ -218,10 +221,40 @@ def test_core_batches_per_version_and_answers_the_other_routes():
         for layer in core.champion.loaded.model.modules():
             if isinstance(layer, torch.nn.Linear):
                 layer.weight.fill_(1.0)
+    with torch.no_grad():
+        assert not np.isfinite(core.champion.loaded.model(torch.full((1, len(FEATURES)), 3e38)).numpy()).all()
+    # float32 overflows on the second row; it is computed again in float64, where the probabilities are finite
     huge = json.dumps({"instances": [[1.0] * len(FEATURES), [3e38] * len(FEATURES)]}).encode()
-    overflow = r"gives no finite probabilities for row\(s\) \[1\] .*largest \|x\| = 3e\+38"
-    with pytest.raises(InvalidInput, match=overflow):
+    answer, _ = _call(core, "POST", "/v1/models/digits:predict", huge)
+    wide = copy.deepcopy(core.champion.loaded.model).double()
+    with torch.no_grad():
+        expected = torch.softmax(wide(torch.tensor([[3e38] * len(FEATURES)], dtype=torch.float64)), dim=1).numpy()
+    np.testing.assert_allclose(answer["predictions"][1], expected[0], atol=1e-6)
+    assert np.isfinite(answer["predictions"]).all() and abs(sum(answer["predictions"][1]) - 1) < 1e-5
+
+
+def test_a_regressor_whose_value_overflows_float32_is_refused_naming_the_row():
+    torch.manual_seed(0)
+    spec = ModelSpec(factory="mlray.models:mlp", num_features=len(FEATURES), num_outputs=1, kwargs={"hidden": [16]},
+                     task="regression")
+    model = build(spec).eval()
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.fill_(1.0)
+    loaded = LoadedModel(model=model, feature_names=list(FEATURES), class_names=[], meta={})
+    values = loaded.predict(np.array([[1.0] * len(FEATURES), [3e38] * len(FEATURES)], dtype=np.float32))
+    assert np.isfinite(values[0]).all() and not np.isfinite(values[1]).all()  # 8 * 16 * 3e38 > float32's max
+    served = served_model()
+    regressor = type(served)(loaded=loaded, info=served.info, alias="champion", load_seconds=0.1)
+    core = PredictionCore(ServeAppConfig.model_validate({"model": "digits"}), Versions({"champion": regressor}))
+    huge = json.dumps({"instances": [[1.0] * len(FEATURES), [3e38] * len(FEATURES)]}).encode()
+    with pytest.raises(InvalidInput, match=r"gives no finite output for row\(s\) \[1\] .*largest \|x\| = 3e\+38"):
         _call(core, "POST", "/v1/models/digits:predict", huge)
+
+
+def test_core_answers_the_other_routes():
+    core = PredictionCore(ServeAppConfig.model_validate({"model": "digits"}), Versions({"champion": served_model()}))
     with pytest.raises(NotFound):
         _call(core, "GET", "/v2/models/other")
     meta, _ = _call(core, "GET", "/v2/models/digits")
