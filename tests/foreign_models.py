@@ -55,3 +55,23 @@ def register_regressor(name: str, *, signature: bool = True) -> int:
                                        input_example=x.iloc[:2].to_numpy() if signature else None,
                                        registered_model_name=name, pip_requirements=["numpy"])
     return int(info.registered_model_version)
+
+
+def register_torch(name: str) -> int:
+    """A PyTorch module logged with mlflow.pytorch (pickled, tensor signature): 4 float32 inputs -> 3 numbers."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    from mlray import settings
+    from mlray.tracking import experiment_id
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).eval()
+    x, _ = iris()
+    mlflow.set_tracking_uri(settings.tracking_uri())
+    mlflow.set_registry_uri(settings.tracking_uri())
+    with mlflow.start_run(experiment_id=experiment_id(name)):  # artifacts under MLRAY_HOME, not ./mlruns
+        info = mlflow.pytorch.log_model(model, name="model", input_example=x.iloc[:2].to_numpy(dtype=np.float32),
+                                        registered_model_name=name, pip_requirements=["torch"])
+    return int(info.registered_model_version)

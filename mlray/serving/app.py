@@ -21,7 +21,7 @@ from starlette.convertors import StringConvertor, register_url_convertor
 
 from mlray.errors import ModelLoadError
 from mlray.serve_env import lower_metrics_agent_priority
-from mlray.serving import openapi, routes
+from mlray.serving import openapi, routes, selection
 from mlray.serving.auth import AuthMiddleware, KeyFileWatch, KeyGuard, load_key_hashes
 from mlray.serving.config import ServeAppConfig
 from mlray.serving.core import Call, PredictionCore
@@ -267,7 +267,7 @@ def application(args: dict[str, Any], *, deployment_options_override: dict[str, 
                 ) -> serve.Application:
     """The app for ``args`` (:class:`ServeAppConfig` fields), checked here so that a bad YAML fails the deploy
     with the field's name instead of failing every replica."""
-    cfg = ServeAppConfig.model_validate(args)
+    cfg = selection.expand(ServeAppConfig.model_validate(args))  # models a tag or pattern selects, by name
     settings = cfg.model_dump(mode="json")
     # @serve.deployment replaced the classes with Deployments; Ray's typing of the decorator does not say so.
     # one model: the app's watcher deployment; many: each model's LocalWatcher inside the replicas

@@ -67,20 +67,39 @@ class AuthConfig(_Section):
 
 
 class ModelEntry(_Section):
-    """One model of a many-models app (``models:``): a name and its alias, or a fixed version."""
+    """One model of a many-models app (``models:``): a name, or every registered model a ``tag`` or a name
+    ``pattern`` selects when the app is deployed (:mod:`mlray.serving.selection`); with its alias, or a fixed
+    version."""
 
-    name: str = Field(..., min_length=1, pattern=r"^[^/:]+$", description="registered model name")
+    name: str | None = Field(default=None, min_length=1, pattern=r"^[^/:]+$", description="registered model name")
+    tag: str | None = Field(default=None, pattern=r"^[^=]+(=.*)?$",
+                            description="every registered model with this tag: KEY=VALUE, or KEY for any value")
+    pattern: str | None = Field(default=None, min_length=1,
+                                description="every registered model whose name matches this glob (* and ?)")
     alias: str | None = None
     version: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _one_target(self) -> ModelEntry:
+        given = {key: value for key, value in (("name", self.name), ("tag", self.tag), ("pattern", self.pattern))
+                 if value is not None}
+        if len(given) != 1:
+            raise ValueError(f"a models entry gives exactly one of name, tag or pattern, got {given or 'none'}")
+        label = next(iter(given.values()))
         if self.alias is not None and self.version is not None:
-            raise ValueError(f"models[{self.name!r}]: give alias ({self.alias!r}) or version ({self.version!r}), "
+            raise ValueError(f"models[{label!r}]: give alias ({self.alias!r}) or version ({self.version!r}), "
                              "not both")
+        if self.version is not None and self.name is None:
+            raise ValueError(f"models[{label!r}]: a fixed version is for one named model; a tag or a pattern "
+                             "follows an alias")
         if self.alias is None and self.version is None:
             object.__setattr__(self, "alias", "champion")
         return self
+
+    @property
+    def selects(self) -> bool:
+        """Whether this entry stands for the models a tag or pattern selects, not one named model."""
+        return self.name is None
 
 
 class ServeAppConfig(_Section):
@@ -117,7 +136,7 @@ class ServeAppConfig(_Section):
         if bool(self.model) == bool(self.models):
             raise ValueError(f"give exactly one of model ({self.model!r}) or models ({len(self.models)} listed)")
         if self.models:
-            names = [entry.name for entry in self.models]
+            names = [entry.name for entry in self.models if entry.name is not None]
             repeated = sorted({name for name in names if names.count(name) > 1})
             if repeated:
                 raise ValueError(f"models lists {repeated[0]!r} more than once; each model once")

@@ -111,7 +111,8 @@ class ModelSet:
     def __init__(self, cfg: ServeAppConfig, *, open_slot: Callable[[str], Awaitable[Slot]],
                  held: Callable[[], int] = lambda: 0) -> None:
         self.cfg = cfg
-        self.names = [entry.name for entry in cfg.entries]
+        assert not any(entry.selects for entry in cfg.entries), "tag and pattern entries are expanded at deploy"
+        self.names = [str(entry.name) for entry in cfg.entries]
         self.known = frozenset(self.names)
         self.many = bool(cfg.models)
         self.max_body_bytes = cfg.max_body_bytes

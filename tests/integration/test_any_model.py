@@ -1,4 +1,5 @@
-"""Issue 12 on a real cluster: models logged by other tools served next to an mlray model from one app (a),
+"""Issue 12 on a real cluster: models logged by other tools (scikit-learn, a plain python_function, a PyTorch
+module) served next to an mlray model from one app (a),
 a pickle refused without allow_pickle and tampered files refused while the others serve (d), the
 signature's own errors as 4xx and a name not served as 404 (e), and 20 models on 2 replicas of at most 8
 under round-robin load, one alias moved meanwhile (b, c at reduced scale)."""
@@ -13,7 +14,7 @@ import pytest
 import requests
 
 from tests.conftest import deploy_app, register_copy
-from tests.foreign_models import iris, register_classifier, register_regressor
+from tests.foreign_models import iris, register_classifier, register_regressor, register_torch
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,7 @@ def foreign(trained, mlray_home):
 
     promote("digits", version=trained.version, alias="champion", force=True, reason="any-model test")
     versions = {"iris": register_classifier("iris"), "halfsum": register_regressor("halfsum"),
-                "tampered": register_classifier("tampered")}
+                "torchnet": register_torch("torchnet"), "tampered": register_classifier("tampered")}
     for name, version in versions.items():
         _alias(name, version)
     load_registered("tampered", version=versions["tampered"])  # records the files' hash ...
@@ -45,10 +46,10 @@ def foreign(trained, mlray_home):
 def apps(foreign, serve_port):
     from ray import serve
 
-    mixed = deploy_app("mixed", {"models": [{"name": "digits"}, {"name": "iris"}, {"name": "halfsum"}],
-                                 "allow_pickle": True}, port=serve_port)
-    strict = deploy_app("strict", {"models": [{"name": "iris"}, {"name": "halfsum"}, {"name": "tampered"}]},
-                        port=serve_port)
+    mixed = deploy_app("mixed", {"models": [{"name": "digits"}, {"name": "iris"}, {"name": "halfsum"},
+                                            {"name": "torchnet"}], "allow_pickle": True}, port=serve_port)
+    strict = deploy_app("strict", {"models": [{"name": "iris"}, {"name": "halfsum"}, {"name": "torchnet"},
+                                              {"name": "tampered"}]}, port=serve_port)
     yield mixed, strict
     serve.delete("mixed")
     serve.delete("strict")
@@ -93,6 +94,21 @@ def test_foreign_models_answer_what_their_pyfunc_answers_offline(apps, foreign, 
                         json={"inputs": rows.to_numpy().tolist()})
     assert inv.status_code == 200, inv.text
     np.testing.assert_allclose(inv.json()["predictions"], offline_sum, atol=1e-6)
+    # a PyTorch module logged with mlflow.pytorch (pickled: this app allows pickles), float32 tensor signature
+    torch_rows = rows.to_numpy(dtype=np.float32)
+    offline_torch = mlflow.pyfunc.load_model(f"models:/torchnet/{foreign['torchnet']}").predict(torch_rows)
+    v1 = requests.post(f"{url}/v1/models/torchnet:predict", json={"instances": torch_rows.tolist()}, timeout=60)
+    assert v1.status_code == 200, v1.text
+    np.testing.assert_allclose(v1.json()["predictions"], offline_torch, atol=1e-6)
+    v2 = requests.post(f"{url}/v2/models/torchnet/infer", timeout=60, json={"inputs": [
+        {"name": "input", "shape": list(torch_rows.shape), "datatype": "FP32", "data": torch_rows.ravel().tolist()}]})
+    assert v2.status_code == 200, v2.text
+    np.testing.assert_allclose(np.reshape(v2.json()["outputs"][0]["data"], offline_torch.shape), offline_torch,
+                               atol=1e-6)
+    inv = requests.post(f"{url}/invocations", headers={"x-mlray-model": "torchnet"}, timeout=60,
+                        json={"inputs": torch_rows.tolist()})
+    assert inv.status_code == 200, inv.text
+    np.testing.assert_allclose(inv.json()["predictions"], offline_torch, atol=1e-6)
     # the mlray model next to them keeps its own answers
     digits_x, _ = sample_test_rows(parse_config({}).data, seed=42, count=4)
     answer = requests.post(f"{url}/v1/models/digits:predict", json={"instances": digits_x.tolist()}, timeout=60)
@@ -107,6 +123,8 @@ def test_pickle_without_allow_pickle_and_tampered_files_are_refused_the_others_s
     refused = requests.post(f"{url}/v1/models/halfsum:predict", json={"instances": [row]}, timeout=60)
     assert refused.status_code == 503 and "refused to load a pickle" in refused.text
     assert "allow_pickle: true" in refused.text
+    torch_refused = requests.post(f"{url}/v1/models/torchnet:predict", json={"instances": [row]}, timeout=60)
+    assert torch_refused.status_code == 503 and "pytorch flavour is a module saved with" in torch_refused.text
     tampered = requests.post(f"{url}/v1/models/tampered:predict", json={"instances": [row]}, timeout=60)
     assert tampered.status_code == 503 and "recorded in tag mlray.files_sha256" in tampered.text
     assert requests.post(f"{url}/v1/models/iris:predict", json={"instances": [row]}, timeout=60).status_code == 200

@@ -11,7 +11,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from mlray.errors import ModelLoadError
+from mlray.errors import ConfigError, ModelLoadError
 from mlray.serving import routes
 from mlray.serving.config import ServeAppConfig
 from mlray.serving.core import Call, PredictionCore
@@ -186,3 +186,69 @@ def test_local_watcher_asks_the_registry_at_most_every_poll_interval_and_survive
         assert status["on_target"] and status["replicas"]["r1"]["versions"] == {"champion": 1}
 
     asyncio.run(scenario())
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch):
+    """A real MLflow registry (SQLite) of its own."""
+    monkeypatch.setenv("MLRAY_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from mlray.tracking import client
+
+    mlflow_client = client()
+
+    def register(name: str, *, tags: dict[str, str], aliases: tuple[str, ...] = ("champion",)) -> None:
+        mlflow_client.create_registered_model(name, tags=tags)
+        mlflow_client.create_model_version(name, source=str(tmp_path / name))
+        for alias in aliases:
+            mlflow_client.set_registered_model_alias(name, alias, "1")
+
+    register("fraud-eu", tags={"team": "fraud"})
+    register("fraud-us", tags={"team": "fraud"}, aliases=("champion", "challenger"))
+    register("fraud-new", tags={"team": "fraud"}, aliases=())  # no @champion yet: not served
+    register("churn", tags={"team": "growth"})
+    return mlflow_client
+
+
+def test_models_selected_by_tag_or_pattern_are_listed_by_name_at_deploy(store):
+    from mlray.serving.selection import expand
+
+    by_tag = expand(ServeAppConfig.model_validate({"models": [{"tag": "team=fraud"}]}))
+    assert [(e.name, e.alias) for e in by_tag.models] == [("fraud-eu", "champion"), ("fraud-us", "champion")]
+    any_team = expand(ServeAppConfig.model_validate({"models": [{"tag": "team"}]}))
+    assert [e.name for e in any_team.models] == ["churn", "fraud-eu", "fraud-us"]
+    # a named entry keeps its own alias where a selection also matches it; the selection adds the rest
+    mixed = expand(ServeAppConfig.model_validate(
+        {"models": [{"name": "fraud-us", "alias": "challenger"}, {"pattern": "fraud-*"}, {"name": "churn"}]}))
+    assert [(e.name, e.alias) for e in mixed.models] == [
+        ("fraud-us", "challenger"), ("fraud-eu", "champion"), ("churn", "champion")]
+    assert expand(ServeAppConfig.model_validate({"models": [{"pattern": "fraud-?s"}], "alias": None,
+                                                 "version": 1})).models[0].name == "fraud-us"
+    # a selector that finds no model with its alias fails the deploy, naming it
+    with pytest.raises(ConfigError, match=r"pattern 'fraud-n\*' selects no registered model with alias @champion "
+                                          r"\(it matches \['fraud-new'\] of 4\)"):
+        expand(ServeAppConfig.model_validate({"models": [{"pattern": "fraud-n*"}]}))
+    with pytest.raises(ConfigError, match=r"tag 'team=nobody' selects no registered model .* no model"):
+        expand(ServeAppConfig.model_validate({"models": [{"tag": "team=nobody"}]}))
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"tag": "team=fraud", "name": "x"}, "exactly one of name, tag or pattern"),
+    ({"alias": "champion"}, "exactly one of name, tag or pattern, got none"),
+    ({"pattern": "fraud-*", "version": 2}, "a fixed version is for one named model"),
+    ({"tag": "=x"}, "tag"),
+])
+def test_a_models_entry_names_what_is_wrong(entry, message):
+    with pytest.raises(ValidationError, match=message):
+        ServeAppConfig.model_validate({"models": [entry]})
+
+
+def test_the_app_builder_selects_the_models_before_any_replica_starts(store):
+    """`serve deploy` of a YAML whose selector finds nothing fails in the builder, naming the entry."""
+    from ray import serve
+
+    from mlray.serving.app import application
+
+    assert isinstance(application({"models": [{"tag": "team=fraud"}]}), serve.Application)
+    with pytest.raises(ConfigError, match="pattern 'nothing-\\*' selects no registered model"):
+        application({"models": [{"pattern": "nothing-*"}]})
