@@ -6,9 +6,11 @@ the field's name instead of failing every replica.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mlray.errors import ConfigError
 
 
 class _Section(BaseModel):
@@ -66,6 +68,32 @@ class AuthConfig(_Section):
         return self
 
 
+def _split_uri(data: Any, key: str, where: str) -> Any:
+    """``{key: "models:/NAME@ALIAS"}`` (or ``models:/NAME/VERSION``) -> ``{key: NAME, alias/version: ...}``, the
+    URI form mlray's commands accept wherever a model is named; an alias or version also given must agree."""
+    if not (isinstance(data, dict) and isinstance(data.get(key), str) and data[key].startswith("models:/")):
+        return data
+    from mlray.registry import parse_model_ref
+
+    try:
+        ref = parse_model_ref(data[key])
+    except ConfigError as err:
+        raise ValueError(f"{where}: {err}") from None
+    out = {**data, key: ref.name}
+    for field_name, value in (("alias", ref.alias), ("version", ref.version)):
+        if value is None:
+            continue
+        if data.get(field_name) not in (None, value):
+            raise ValueError(f"{where}: {data[key]!r} names {field_name} {value!r}, but {field_name} "
+                             f"{data[field_name]!r} is also given; give one")
+        other = "version" if field_name == "alias" else "alias"
+        if data.get(other) is not None:
+            raise ValueError(f"{where}: {data[key]!r} names {field_name} {value!r}, and {other} {data[other]!r} is "
+                             f"also given; give one")
+        out[field_name], out[other] = value, None  # the URI's target replaces the default alias
+    return out
+
+
 class ModelEntry(_Section):
     """One model of a many-models app (``models:``): a name, or every registered model a ``tag`` or a name
     ``pattern`` selects when the app is deployed (:mod:`mlray.serving.selection`); with its alias, or a fixed
@@ -78,6 +106,11 @@ class ModelEntry(_Section):
                                 description="every registered model whose name matches this glob (* and ?)")
     alias: str | None = None
     version: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _uri(cls, data: Any) -> Any:
+        return _split_uri(data, "name", "models entry")
 
     @model_validator(mode="after")
     def _one_target(self) -> ModelEntry:
@@ -130,6 +163,11 @@ class ServeAppConfig(_Section):
         description="opt-in: nice level each replica gives the Ray metrics agent of its own node (its 1-s bursts "
                     "every 10 s otherwise take a core from the replicas; serve_apps/digits.yaml sets 19); "
                     "null (the default) leaves it at Ray's 0")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _uri(cls, data: Any) -> Any:
+        return _split_uri(data, "model", "model")
 
     @model_validator(mode="after")
     def _one_target(self) -> ServeAppConfig:

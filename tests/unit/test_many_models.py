@@ -252,3 +252,18 @@ def test_the_app_builder_selects_the_models_before_any_replica_starts(store):
     assert isinstance(application({"models": [{"tag": "team=fraud"}]}), serve.Application)
     with pytest.raises(ConfigError, match="pattern 'nothing-\\*' selects no registered model"):
         application({"models": [{"pattern": "nothing-*"}]})
+
+
+def test_models_uris_are_accepted_where_a_serve_yaml_names_a_model():
+    one = ServeAppConfig.model_validate({"model": "models:/digits@prod"})
+    assert (one.model, one.alias, one.version, one.target) == ("digits", "prod", None, "models:/digits@prod")
+    pinned = ServeAppConfig.model_validate({"model": "models:/digits/3"})
+    assert (pinned.model, pinned.alias, pinned.version) == ("digits", None, 3)
+    many = ServeAppConfig.model_validate({"models": [{"name": "models:/iris@prod"}, {"name": "models:/churn/4"},
+                                                     {"name": "digits"}]})
+    assert [(e.name, e.alias, e.version) for e in many.models] == [
+        ("iris", "prod", None), ("churn", None, 4), ("digits", "champion", None)]
+    with pytest.raises(ValidationError, match=r"'models:/digits/3' names version 3, and alias 'prod' is also given"):
+        ServeAppConfig.model_validate({"model": "models:/digits/3", "alias": "prod"})
+    with pytest.raises(ValidationError, match=r"models entry: model 'models:/iris@' is not a model name"):
+        ServeAppConfig.model_validate({"models": [{"name": "models:/iris@"}]})
