@@ -14,6 +14,9 @@ Marks this tier understands, besides pytest's own:
   reader would press it.
 - ``pytest.mark.screenshot(url="...", name="...")``: while a foreground block runs, headless Chromium
   takes a picture of ``url`` for the docs site (``docs/img/generated/NAME.png``).
+- ``pytest.mark.under_load(url="...", versions=N)``: while the block runs, two keep-alive clients send
+  single-row predictions to ``url`` (live traffic, which a canary needs to judge); the block passes only if
+  none of them failed and their answers came from at least N model versions. The page says so in its text.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ TEARDOWN = "make down"
 def pytest_configure(config: pytest.Config) -> None:
     for line in ("exit_code(n): the docs block must end with status n",
                  "foreground(ready, seconds): the docs block runs a server; Ctrl-C once it prints `ready`",
-                 "screenshot(url, name): a picture of url while the foreground block runs"):
+                 "screenshot(url, name): a picture of url while the foreground block runs",
+                 "under_load(url, versions): steady single-row requests to url while the block runs; none may fail"):
         config.addinivalue_line("markers", line)
 
 

@@ -23,7 +23,7 @@ import yaml
 from tests.docs.blocks import ROOT, Block, blocks, output_matches, pages
 from tests.docs.conftest import SETUP, DocsSession, head_auth_env, head_record, makefile_runs
 from tests.docs.pictures import GENERATED, screenshot
-from tests.helpers import ray_processes, wait_for
+from tests.helpers import SteadyLoad, ray_processes, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -68,6 +68,16 @@ def run_block(block: Block, docs: DocsSession) -> str:
                                                  while_ready=while_ready)
         assert seen, f"{block.id}: `{ready}` never appeared:\n{block.code}\n---\n{output[-4000:]}"
         status = 0
+    elif (load_mark := block.mark("under_load")) is not None:
+        with SteadyLoad(load_mark.kwargs["url"], row=[0.0] * 64, threads=2, pause_s=0.02, max_seconds=900,
+                        max_requests=200_000) as load:
+            wait_for(lambda: load.count() > 20, timeout=60, what=f"{block.id}: traffic before the block")
+            done = docs.shell.run(block.code)
+        status, output = done.returncode, done.stdout
+        versions = {version for code, version, _ in load.results if code == 200}
+        assert load.failures() == [], f"{block.id}: requests failed while it ran: {load.failures()[:5]}"
+        assert len(versions) >= load_mark.kwargs.get("versions", 1), (
+            f"{block.id}: answers came from versions {versions} ({load.count()} requests)")
     else:
         done = docs.shell.run(block.code)
         status, output = done.returncode, done.stdout
