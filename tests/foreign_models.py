@@ -57,8 +57,9 @@ def register_regressor(name: str, *, signature: bool = True) -> int:
     return int(info.registered_model_version)
 
 
-def register_torch(name: str) -> int:
-    """A PyTorch module logged with mlflow.pytorch (pickled, tensor signature): 4 float32 inputs -> 3 numbers."""
+def register_torch(name: str, *, serialization_format: str = "pt2") -> int:
+    """A PyTorch module logged with mlflow.pytorch (tensor signature): 4 float32 inputs -> 3 numbers. MLflow's
+    default format, ``pt2``, is a torch.export program (no pickle); ``pickle`` is a pickled module."""
     import mlflow
     import mlflow.pytorch
     import torch
@@ -73,5 +74,6 @@ def register_torch(name: str) -> int:
     mlflow.set_registry_uri(settings.tracking_uri())
     with mlflow.start_run(experiment_id=experiment_id(name)):  # artifacts under MLRAY_HOME, not ./mlruns
         info = mlflow.pytorch.log_model(model, name="model", input_example=x.iloc[:2].to_numpy(dtype=np.float32),
-                                        registered_model_name=name, pip_requirements=["torch"])
+                                        registered_model_name=name, pip_requirements=["torch"],
+                                        serialization_format=serialization_format)
     return int(info.registered_model_version)

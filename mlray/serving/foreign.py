@@ -37,16 +37,31 @@ NUM_FEATURES_TAG = "mlray.num_features"
 _PICKLE_FORMATS = ("pickle", "cloudpickle")
 
 
-def pickle_reason(flavors: dict[str, dict[str, Any]]) -> str | None:
-    """Why loading a model with these MLmodel flavours unpickles something, or None if it does not."""
+def _torch_pickle(conf: dict[str, Any], folder: Path | None) -> str | None:
+    """MLflow's pytorch flavour writes the same MLmodel for a pickled module (``model.pth``) and for a
+    ``torch.export`` program (``model.pt2``, which MLflow checks is pickle-free when it loads it): the files
+    tell them apart. Without the files, or with anything besides the .pt2, it counts as a pickle."""
+    if conf.get("serialization_format") == "pt2":
+        return None
+    data = folder / str(conf.get("model_data", "data")) if folder is not None else None
+    files = {path.name for path in data.iterdir()} if data is not None and data.is_dir() else set()
+    if "model.pt2" in files and not any(name.endswith((".pth", ".pt", ".pkl")) for name in files):
+        return None
+    found = sorted(name for name in files if name.endswith((".pth", ".pt", ".pkl"))) or ["its model file"]
+    return f"its pytorch flavour is a pickled module ({', '.join(found)}; serialization_format pickle)"
+
+
+def pickle_reason(flavors: dict[str, dict[str, Any]], folder: Path | None = None) -> str | None:
+    """Why loading a model with these MLmodel flavours (stored in ``folder``) unpickles something, or None if
+    it does not."""
     for flavour, conf in flavors.items():
         fmt = conf.get("serialization_format")
         if fmt in _PICKLE_FORMATS:
             return f"its {flavour} flavour is stored with {fmt} ({conf.get('pickled_model', 'the model file')})"
         if flavour == "python_function" and conf.get("python_model"):
             return f"its python_function flavour is a cloudpickled PythonModel ({conf['python_model']})"
-        if flavour == "pytorch" and fmt is None and conf.get("pickle_module_name"):
-            return f"its pytorch flavour is a module saved with {conf['pickle_module_name']}"
+        if flavour == "pytorch" and (reason := _torch_pickle(conf, folder)) is not None:
+            return reason
     return None
 
 
@@ -146,7 +161,7 @@ def load_pyfunc_dir(folder: Path, *, allow_pickle: bool, num_features: int | Non
         mlmodel = Model.load(str(folder / "MLmodel"))
     except Exception as err:  # noqa: BLE001 - not an MLflow model folder at all
         raise ModelLoadError(f"{folder} is not an MLflow model: {err}") from None
-    reason = pickle_reason(mlmodel.flavors)
+    reason = pickle_reason(mlmodel.flavors, folder)
     if reason is not None and not allow_pickle:
         raise ModelLoadError(f"refused to load a pickle: {reason}, and unpickling runs whatever code the file "
                              "holds. Set allow_pickle: true in the Serve app's args only if you trust everyone "

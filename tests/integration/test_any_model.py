@@ -32,7 +32,9 @@ def foreign(trained, mlray_home):
 
     promote("digits", version=trained.version, alias="champion", force=True, reason="any-model test")
     versions = {"iris": register_classifier("iris"), "halfsum": register_regressor("halfsum"),
-                "torchnet": register_torch("torchnet"), "tampered": register_classifier("tampered")}
+                "torchnet": register_torch("torchnet"),
+                "torchpickle": register_torch("torchpickle", serialization_format="pickle"),
+                "tampered": register_classifier("tampered")}
     for name, version in versions.items():
         _alias(name, version)
     load_registered("tampered", version=versions["tampered"])  # records the files' hash ...
@@ -49,7 +51,7 @@ def apps(foreign, serve_port):
     mixed = deploy_app("mixed", {"models": [{"name": "digits"}, {"name": "iris"}, {"name": "halfsum"},
                                             {"name": "torchnet"}], "allow_pickle": True}, port=serve_port)
     strict = deploy_app("strict", {"models": [{"name": "iris"}, {"name": "halfsum"}, {"name": "torchnet"},
-                                              {"name": "tampered"}]}, port=serve_port)
+                                              {"name": "torchpickle"}, {"name": "tampered"}]}, port=serve_port)
     yield mixed, strict
     serve.delete("mixed")
     serve.delete("strict")
@@ -94,7 +96,7 @@ def test_foreign_models_answer_what_their_pyfunc_answers_offline(apps, foreign, 
                         json={"inputs": rows.to_numpy().tolist()})
     assert inv.status_code == 200, inv.text
     np.testing.assert_allclose(inv.json()["predictions"], offline_sum, atol=1e-6)
-    # a PyTorch module logged with mlflow.pytorch (pickled: this app allows pickles), float32 tensor signature
+    # a PyTorch module logged with mlflow.pytorch (MLflow's default pt2: a torch.export program), float32 tensors
     torch_rows = rows.to_numpy(dtype=np.float32)
     offline_torch = mlflow.pyfunc.load_model(f"models:/torchnet/{foreign['torchnet']}").predict(torch_rows)
     v1 = requests.post(f"{url}/v1/models/torchnet:predict", json={"instances": torch_rows.tolist()}, timeout=60)
@@ -123,8 +125,10 @@ def test_pickle_without_allow_pickle_and_tampered_files_are_refused_the_others_s
     refused = requests.post(f"{url}/v1/models/halfsum:predict", json={"instances": [row]}, timeout=60)
     assert refused.status_code == 503 and "refused to load a pickle" in refused.text
     assert "allow_pickle: true" in refused.text
-    torch_refused = requests.post(f"{url}/v1/models/torchnet:predict", json={"instances": [row]}, timeout=60)
-    assert torch_refused.status_code == 503 and "pytorch flavour is a module saved with" in torch_refused.text
+    torch_refused = requests.post(f"{url}/v1/models/torchpickle:predict", json={"instances": [row]}, timeout=60)
+    assert torch_refused.status_code == 503 and "pytorch flavour is a pickled module" in torch_refused.text
+    exported = requests.post(f"{url}/v1/models/torchnet:predict", json={"instances": [row]}, timeout=60)
+    assert exported.status_code == 200, exported.text  # torch.export's pt2 holds no pickle
     tampered = requests.post(f"{url}/v1/models/tampered:predict", json={"instances": [row]}, timeout=60)
     assert tampered.status_code == 503 and "recorded in tag mlray.files_sha256" in tampered.text
     assert requests.post(f"{url}/v1/models/iris:predict", json={"instances": [row]}, timeout=60).status_code == 200

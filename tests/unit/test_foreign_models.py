@@ -11,7 +11,7 @@ import pytest
 from mlray.errors import InvalidInput, ModelLoadError
 from mlray.serving.foreign import FILES_TAG, check_files, pickle_reason
 from mlray.serving.signature import InputSpec, input_spec
-from tests.foreign_models import iris, register_classifier, register_regressor
+from tests.foreign_models import iris, register_classifier, register_regressor, register_torch
 
 
 @pytest.fixture()
@@ -90,12 +90,39 @@ def test_check_files_records_first_and_refuses_a_change():
         check_files("b" * 64, "a" * 64, where="m version 1")
 
 
-def test_pickle_reason_by_flavour():
+def test_torch_modules_load_as_exported_programs_and_pickled_ones_only_when_allowed(store):
+    import mlflow.pyfunc
+
+    from mlray.serving.loader import load_registered
+
+    exported, pickled = register_torch("exported"), register_torch("pickled", serialization_format="pickle")
+    loaded = load_registered("exported", version=exported).loaded  # no allow_pickle needed
+    x, _ = iris()
+    rows = x.to_numpy(dtype=np.float32)
+    offline = mlflow.pyfunc.load_model(f"models:/exported/{exported}").predict(rows)
+    np.testing.assert_allclose(loaded.predict(rows), offline, atol=1e-6)
+    with pytest.raises(ModelLoadError, match=r"refused to load a pickle: its pytorch flavour is a pickled module "
+                                             r"\(model.pth"):
+        load_registered("pickled", version=pickled)
+    allowed = load_registered("pickled", version=pickled, allow_pickle=True).loaded
+    assert allowed.predict(rows).shape == (len(rows), 3)
+
+
+def test_pickle_reason_by_flavour(tmp_path):
     assert pickle_reason({"sklearn": {"serialization_format": "skops"}, "python_function": {}}) is None
     assert "pickle" in (pickle_reason({"sklearn": {"serialization_format": "pickle"}}) or "")
     assert "PythonModel" in (pickle_reason({"python_function": {"python_model": "python_model.pkl"}}) or "")
     assert pickle_reason({"pytorch": {"serialization_format": "pt2"}}) is None
-    assert "torch" in (pickle_reason({"pytorch": {"pickle_module_name": "mlflow.pytorch.pickle_module"}}) or "")
+    # MLflow writes the same MLmodel for both torch formats: the files decide, and without them it is a pickle
+    torch_conf = {"pytorch": {"model_data": "data"},
+                  "python_function": {"loader_module": "mlflow.pytorch",
+                                      "pickle_module_name": "mlflow.pytorch.pickle_module"}}
+    assert "pickled module (its model file" in (pickle_reason(torch_conf) or "")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "model.pt2").write_bytes(b"")
+    assert pickle_reason(torch_conf, tmp_path) is None
+    (tmp_path / "data" / "model.pth").write_bytes(b"")
+    assert "pickled module (model.pth" in (pickle_reason(torch_conf, tmp_path) or "")
 
 
 def _signature(inputs: str):  # noqa: ANN202 - an MLflow ModelSignature
