@@ -52,7 +52,7 @@ def _driver(folder: str, epochs: int) -> None:
 
     from mlray.config import parse_config
     from mlray.tracking import client
-    from mlray.train import train
+    from mlray.training.train import train
 
     peaks: dict[int, int] = {}
     stop = threading.Event()

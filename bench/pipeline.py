@@ -45,7 +45,7 @@ def main() -> None:
     from mlray.pipeline import parse_pipeline, run
     from mlray.registry import promote
     from mlray.serving.deploy import ServePlan, deploy
-    from mlray.train import train
+    from mlray.training.train import train
     from tests.helpers import SteadyLoad, free_port
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False,

@@ -94,7 +94,7 @@ def train(
 ) -> None:
     """Train data-parallel on Ray, record the run in MLflow, register a new model version."""
     from mlray import cluster
-    from mlray.train import train as run_training
+    from mlray.training.train import train as run_training
 
     _setup_logging(verbose)
     cfg = _job_config(config, {"train.epochs": epochs, "train.num_workers": workers, "name": name,
@@ -123,7 +123,7 @@ def tune(
 ) -> None:
     """Sweep hyperparameters on Ray Tune (each trial a distributed training); register the best model."""
     from mlray import cluster
-    from mlray.tune import sweep
+    from mlray.training.tune import sweep
 
     _setup_logging(verbose)
     cfg = _job_config(config, {"tune.sweep_name": sweep_name, "train.epochs": epochs,

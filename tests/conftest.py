@@ -77,7 +77,7 @@ def digits_config(**changes):
 @pytest.fixture(scope="session")
 def trained(ray_session):
     """The undisturbed baseline: digits, 2 workers, seed 42."""
-    from mlray.train import train
+    from mlray.training.train import train
 
     return train(digits_config())
 

@@ -22,9 +22,9 @@ from mlray.artifact import ARTIFACT_KEY, LoadedModel, load_model_dir, write_mode
 from mlray.compress import measure
 from mlray.compress.methods import VariantInputs, check_method, make_variant
 from mlray.config import DataConfig
-from mlray.data import local_splits
 from mlray.errors import CompressionRefused, ConfigError, DataError
 from mlray.registry import VersionInfo, get_version, register
+from mlray.training.data import local_splits
 
 logger = logging.getLogger(__name__)
 

@@ -86,7 +86,7 @@ def plan(cfg: PipelineConfig, *, pipeline_id: str) -> list[tuple[str, str]]:
 
 
 def _params(cfg: PipelineConfig, job: JobConfig) -> dict[str, str]:
-    from mlray.training_run import flat_params
+    from mlray.training.run import flat_params
 
     params = {f"pipeline.{k}": v for k, v in flat_params(cfg.model_dump(mode="json")).items()}
     params.update({f"job.{k}": v for k, v in flat_params(job.model_dump(mode="json")).items()})

@@ -59,7 +59,7 @@ def test_foreign_models_answer_what_their_pyfunc_answers_offline(apps, foreign, 
     import mlflow.sklearn
 
     from mlray.config import parse_config
-    from mlray.data import sample_test_rows
+    from mlray.training.data import sample_test_rows
 
     url = apps[0]
     x, _ = iris()

@@ -72,7 +72,7 @@ def test_load_failure_alert_fires_when_a_replica_fails_to_load(monitored):
 
 def test_training_exports_its_epoch_metrics_to_prometheus(monitored):
     from mlray.monitoring import query
-    from mlray.train import train
+    from mlray.training.train import train
     from tests.conftest import digits_config
 
     _, running, _ = monitored

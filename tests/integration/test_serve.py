@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from mlray.config import parse_config
-from mlray.data import sample_test_rows
+from mlray.training.data import sample_test_rows
 
 pytestmark = pytest.mark.integration
 

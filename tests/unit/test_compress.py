@@ -45,7 +45,7 @@ def variants(parent):
 def _test_split():
     from mlray.compress.measure import Split
     from mlray.config import DataConfig
-    from mlray.data import local_splits
+    from mlray.training.data import local_splits
 
     rows, _ = local_splits(DataConfig(), seed=42)
     return Split(*rows["test"])

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from mlray import cluster, tracking
 from mlray.config import JobConfig
-from mlray.training_run import MODEL_URI_TAG, RUN_NAME_TAG, TrainingRun, prepare_training
+from mlray.training.run import MODEL_URI_TAG, RUN_NAME_TAG, TrainingRun, prepare_training
 
 __all__ = ["MODEL_URI_TAG", "RUN_NAME_TAG", "TrainResult", "train"]
 
