@@ -102,7 +102,7 @@ def hand_written(rows: int, epochs: int, workers: int, batch: int, loop_cfg: dic
 def mlray_side(rows: int, epochs: int, workers: int, batch: int, parquet: Path | None) -> list[tuple[float, int]]:
     import ray
 
-    from mlray.tracking import client
+    from mlray.registry.tracking import client
     from mlray.training.train import train
 
     # cache: the hand-written loop holds its data in memory; mlray holds it in the object store

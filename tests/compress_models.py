@@ -19,11 +19,10 @@ def train_and_register(name: str, *, model: dict[str, Any], epochs: int = 8, lr:
     """Train ``model`` (a job config's ``model`` section) on ``data`` (default digits); returns the version."""
     from mlflow.entities import Param
 
-    from mlray import tracking
     from mlray.artifact import ARTIFACT_KEY, write_model_dir
     from mlray.config import parse_config
     from mlray.models import ModelSpec, build
-    from mlray.registry import register
+    from mlray.registry import register, tracking
     from mlray.training.data import local_splits
     from mlray.training.loop import train_epoch
     from mlray.training.run import flat_params

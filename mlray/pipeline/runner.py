@@ -99,7 +99,7 @@ def run(cfg: PipelineConfig, *, pipeline_id: str | None = None, address: str | N
 
     ``step_fns`` replaces step functions by name (the unit tests run the runner without Ray).
     """
-    from mlray import tracking
+    from mlray.registry import tracking
 
     pipeline_id = pipeline_id or new_id()
     job = job_config(cfg)

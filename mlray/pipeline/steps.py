@@ -11,11 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlray import registry, tracking
+from mlray import registry
 from mlray.config import GateConfig, JobConfig
 from mlray.errors import ConfigError, MlrayError, NotFound
 from mlray.pipeline.config import PipelineConfig
 from mlray.pipeline.record import PipelineRecord
+from mlray.registry import tracking
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlray import settings, tracking
+from mlray import settings
 from mlray.config import JobConfig
 from mlray.errors import ConfigError, TrainingFailed
 from mlray.models import ModelSpec, build, check_model, factory_code
+from mlray.registry import tracking
 from mlray.training.data import prepare
 from mlray.training.loop import LoopConfig, load_state, train_loop_per_worker
 

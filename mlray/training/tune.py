@@ -14,10 +14,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mlray import cluster, settings, tracking
+from mlray import cluster, settings
 from mlray._ray.placement_groups import orphaned_placement_groups, restored_run_config
 from mlray.config import JobConfig, TuneSettings, parse_config
 from mlray.errors import ConfigError, TrainingFailed
+from mlray.registry import tracking
 
 logger = logging.getLogger(__name__)
 

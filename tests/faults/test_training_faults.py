@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from mlray.errors import TrainingFailed
-from mlray.tracking import ATTEMPTS_TAG, EPOCH_METRICS, client
+from mlray.registry.tracking import ATTEMPTS_TAG, EPOCH_METRICS, client
 from mlray.training.train import RUN_NAME_TAG
 from tests.conftest import DIGITS, digits_config
 from tests.helpers import wait_for

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mlray.tracking import client
+from mlray.registry.tracking import client
 from mlray.training.tune import SWEEP_TAG, TRIAL_TAG
 from tests.helpers import wait_for
 
@@ -86,7 +86,7 @@ def test_a_trial_restarted_after_it_finished_reports_its_recorded_run(ray_cluste
     (seen in CI: it failed, so the sweep's best ignored it while MLflow showed it as the best)."""
     from ray import tune
 
-    from mlray import tracking
+    from mlray.registry import tracking
     from mlray.training.train import MODEL_URI_TAG, RUN_NAME_TAG
     from mlray.training.tune import _trial
     from tests.conftest import digits_config

@@ -55,7 +55,7 @@ def test_ddp_on_two_gpus_user_factory(ray_session, userproject, precision):
 
 @two_gpus
 def test_resume_on_gpus_after_a_worker_dies(ray_session, userproject, tmp_path):
-    from mlray.tracking import ATTEMPTS_TAG, client
+    from mlray.registry.tracking import ATTEMPTS_TAG, client
     from mlray.training.train import train
 
     model = {"factory": "usermodel.nets:exits_once", "kwargs": {"marker": str(tmp_path / "died"), "after": 60}}

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def _alias(name: str, version: int, alias: str = "champion") -> None:
-    from mlray.tracking import client
+    from mlray.registry.tracking import client
 
     client().set_registered_model_alias(name, alias, str(version))
 

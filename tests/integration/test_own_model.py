@@ -11,7 +11,7 @@ import requests
 
 from mlray.config import parse_config
 from mlray.errors import ConfigError, DataError, PromotionRefused
-from mlray.tracking import REGRESSION_EPOCH_METRICS, client
+from mlray.registry.tracking import REGRESSION_EPOCH_METRICS, client
 from tests.conftest import deploy_app
 
 pytestmark = pytest.mark.integration

@@ -63,7 +63,7 @@ def _champion() -> int:
 def test_better_candidate_becomes_champion_after_a_kill_mid_canary(app, ray_cluster, tmp_path):
     from mlray.pipeline import load_pipeline, run
     from mlray.pipeline.record import PipelineRecord
-    from mlray.tracking import client, experiment_id
+    from mlray.registry.tracking import client, experiment_id
     from mlray.training.run import runs_named
 
     config = _write_pipeline(tmp_path)

@@ -8,7 +8,7 @@ import pytest
 
 from mlray.config import parse_config
 from mlray.errors import ConfigError
-from mlray.tracking import EPOCH_METRICS, client
+from mlray.registry.tracking import EPOCH_METRICS, client
 from tests.conftest import digits_config
 
 pytestmark = pytest.mark.integration
