@@ -32,7 +32,7 @@ def main() -> None:
     os.environ.update({"MLRAY_HOME": str(home), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from mlray._ray.env import train_env
-    from mlray.serve_env import serve_head_env
+    from mlray.cluster.serve_env import serve_head_env
 
     os.environ.update(train_env())
     os.environ.update(serve_head_env(home))

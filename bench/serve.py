@@ -58,7 +58,7 @@ LOADS = [(1, 1), (16, 1), (64, 1), (16, 256)]
 # What mlray should run a serving head with, found by `--sweep` on this machine (bench/README.md, "Serve
 # settings"): HAProxy in front, the throughput-optimized replica path, no HAProxy request metrics, a short
 # drain for direct-ingress replicas; the HAProxy binds locked to loopback by a wrapper (serve_trial.py).
-from mlray.serve_env import FAST_SERVE_ENV as RECOMMENDED_ENV  # noqa: E402 - what mlray sets on its heads
+from mlray.cluster.serve_env import FAST_SERVE_ENV as RECOMMENDED_ENV  # noqa: E402 - what mlray sets on its heads
 
 B1 = {"name": "batch, 1 replica", "batching": True, "replicas": 1}
 N1 = {"name": "no batch, 1 replica", "batching": False, "replicas": 1}
@@ -259,7 +259,7 @@ def serve_settings() -> tuple[dict[str, str], str]:
     own = {k: v for k, v in settings.ray_process_env().items() if k.startswith("RAY_SERVE_")}
     if own:
         return own, "mlray.settings.ray_process_env()"
-    return RECOMMENDED_ENV, "mlray.serve_env.FAST_SERVE_ENV (what `ray start` gets from mlray)"
+    return RECOMMENDED_ENV, "mlray.cluster.serve_env.FAST_SERVE_ENV (what `ray start` gets from mlray)"
 
 
 # -- main ------------------------------------------------------------------------------------------------------

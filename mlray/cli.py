@@ -351,7 +351,7 @@ def quickstart(
     as_json: JsonOpt = False,
 ) -> None:
     """Train, register, promote and serve the digits classifier on a local cluster, then query it."""
-    from mlray.quickstart import quickstart as run
+    from mlray.cluster.quickstart import quickstart as run
 
     _setup_logging(False)
     cfg = _job_config(config, {"train.epochs": epochs})
@@ -372,8 +372,8 @@ def quickstart(
 @app.command()
 def down(as_json: JsonOpt = False) -> None:
     """Stop what the quickstart / `mlray serve` started: the Serve apps and the local Ray head."""
-    from mlray import monitoring
-    from mlray.quickstart import down as do_down
+    from mlray.cluster import monitoring
+    from mlray.cluster.quickstart import down as do_down
 
     _setup_logging(False)
     prometheus = monitoring.down()

@@ -330,7 +330,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    from mlray.monitoring import EpochGauges
+    from mlray.cluster.monitoring import EpochGauges
     from mlray.registry.tracking import EpochLogger
 
     cfg = LoopConfig(**config)
