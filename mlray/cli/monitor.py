@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from mlray import console
+from mlray.cli import console
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 AddressOpt = Annotated[str | None, typer.Option(
@@ -25,7 +25,7 @@ def monitor_up(
     as_json: JsonOpt = False,
 ) -> None:
     """Start Prometheus scraping the Ray cluster's metrics, with mlray's alert rules."""
-    from mlray.cli import _connect, _setup_logging
+    from mlray.cli.commands import _connect, _setup_logging
     from mlray.cluster import monitoring
 
     _setup_logging(False)

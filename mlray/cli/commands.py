@@ -16,10 +16,10 @@ from typing import Annotated, Any
 
 import typer
 
-from mlray import console
-from mlray.cli_compress import compress
-from mlray.cli_monitor import monitor
-from mlray.cli_pipeline import lineage, pipeline
+from mlray.cli import console
+from mlray.cli.compress import compress
+from mlray.cli.monitor import monitor
+from mlray.cli.pipeline import lineage, pipeline
 from mlray.errors import ConfigError, MlrayError
 
 app = typer.Typer(no_args_is_help=True, help="Train on Ray, track in MLflow, serve on Ray Serve.",
@@ -417,6 +417,3 @@ app.command()(compress)
 def main() -> None:
     sys.exit(run())
 
-
-if __name__ == "__main__":
-    main()
