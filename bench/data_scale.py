@@ -51,8 +51,8 @@ def _driver(folder: str, epochs: int) -> None:
     import ray
 
     from mlray.config import parse_config
-    from mlray.tracking import client
-    from mlray.train import train
+    from mlray.registry.tracking import client
+    from mlray.training.train import train
 
     peaks: dict[int, int] = {}
     stop = threading.Event()

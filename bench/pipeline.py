@@ -32,7 +32,7 @@ def main() -> None:
     os.environ.update({"MLRAY_HOME": str(home), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from mlray._ray.env import train_env
-    from mlray.serve_env import serve_head_env
+    from mlray.cluster.serve_env import serve_head_env
 
     os.environ.update(train_env())
     os.environ.update(serve_head_env(home))
@@ -45,7 +45,7 @@ def main() -> None:
     from mlray.pipeline import parse_pipeline, run
     from mlray.registry import promote
     from mlray.serving.deploy import ServePlan, deploy
-    from mlray.train import train
+    from mlray.training.train import train
     from tests.helpers import SteadyLoad, free_port
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False,

@@ -143,7 +143,7 @@ def main() -> None:
 
     from mlray.artifact import write_model_dir
     from mlray.models import ModelSpec, build
-    from mlray.tracking import log_model
+    from mlray.registry.tracking import log_model
 
     os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     tmp = Path(tempfile.mkdtemp(prefix="mlray-pyfunc-bench-"))

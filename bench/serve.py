@@ -1,6 +1,6 @@
 """Serving speed: mlray's Ray Serve app against a plain FastAPI process and `mlflow models serve`, same run.
 
-All three serve the same registered digits model (trained here for a few epochs with `mlray.train` in a
+All three serve the same registered digits model (trained here for a few epochs with `mlray.training.train` in a
 temporary MLRAY_HOME, promoted to @champion) on loopback:
 
 - mlray: serve_apps/digits.yaml deployed with `mlray.serving.deploy.load_plan` + `deploy` (the CLI's path),
@@ -58,7 +58,7 @@ LOADS = [(1, 1), (16, 1), (64, 1), (16, 256)]
 # What mlray should run a serving head with, found by `--sweep` on this machine (bench/README.md, "Serve
 # settings"): HAProxy in front, the throughput-optimized replica path, no HAProxy request metrics, a short
 # drain for direct-ingress replicas; the HAProxy binds locked to loopback by a wrapper (serve_trial.py).
-from mlray.serve_env import FAST_SERVE_ENV as RECOMMENDED_ENV  # noqa: E402 - what mlray sets on its heads
+from mlray.cluster.serve_env import FAST_SERVE_ENV as RECOMMENDED_ENV  # noqa: E402 - what mlray sets on its heads
 
 B1 = {"name": "batch, 1 replica", "batching": True, "replicas": 1}
 N1 = {"name": "no batch, 1 replica", "batching": False, "replicas": 1}
@@ -76,10 +76,10 @@ SWEEP_VARIANTS = {"default": [B1, N1], "ha": [B1, N1], "to": [B1, N1], "ha+to": 
 def prepare_model(*, epochs: int) -> dict[str, Any]:
     """A digits version at @champion in this MLRAY_HOME: trained here unless one is there already."""
     from mlray.config import parse_config
-    from mlray.data import sample_test_rows
     from mlray.errors import NotFound
     from mlray.registry import get_version, promote
     from mlray.serving.loader import load_registered
+    from mlray.training.data import sample_test_rows
 
     cfg = parse_config({"name": MODEL, "train": {"num_workers": 1, "epochs": epochs}})
     try:
@@ -88,7 +88,7 @@ def prepare_model(*, epochs: int) -> dict[str, Any]:
     except NotFound:
         import ray
 
-        from mlray.train import train
+        from mlray.training.train import train
 
         started = time.monotonic()
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # a new cluster, ours
@@ -259,7 +259,7 @@ def serve_settings() -> tuple[dict[str, str], str]:
     own = {k: v for k, v in settings.ray_process_env().items() if k.startswith("RAY_SERVE_")}
     if own:
         return own, "mlray.settings.ray_process_env()"
-    return RECOMMENDED_ENV, "mlray.serve_env.FAST_SERVE_ENV (what `ray start` gets from mlray)"
+    return RECOMMENDED_ENV, "mlray.cluster.serve_env.FAST_SERVE_ENV (what `ray start` gets from mlray)"
 
 
 # -- main ------------------------------------------------------------------------------------------------------

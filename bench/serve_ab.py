@@ -37,7 +37,7 @@ def _side(code: str, env: dict[str, str], args: dict[str, Any], replicas: int) -
     """Runs in its own process, with ``code`` first on sys.path: start Ray, deploy, print the URL, wait."""
     sys.path.insert(0, code)
     from bench._serve.serve_trial import Variant, _merge, _plan_for, _start_ray, free_port, isolation_env
-    from mlray.serve_env import FAST_SERVE_ENV
+    from mlray.cluster.serve_env import FAST_SERVE_ENV
 
     rundir = Path(tempfile.mkdtemp(prefix="mlrb-", dir="/tmp"))
     os.environ.update({**FAST_SERVE_ENV, **isolation_env(rundir), **env})

@@ -44,7 +44,7 @@ NAMES = [f"tiny-{i:02d}" for i in range(20)]
 
 def register_models() -> None:
     from mlray.registry import get_version, register
-    from mlray.tracking import client
+    from mlray.registry.tracking import client
     from tests.foreign_models import register_classifier, register_regressor
 
     source = get_version("digits", alias="champion")

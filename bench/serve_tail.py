@@ -6,7 +6,7 @@ nothing of mlray's (registry following, admission, auth, metrics, validation). "
 issue's bare app: a deployment whose ``__call__`` takes Starlette's request, no FastAPI. All run with the
 same replica count behind the same HAProxy, in turns (mlray, bare, minimal, mlray, ...), so all see the
 same moments of a shared machine. Each environment given by ``--compare`` gets its own Ray cluster (Serve reads
-its settings when its processes start); the first is mlray's (``mlray.serve_env.FAST_SERVE_ENV``).
+its settings when its processes start); the first is mlray's (``mlray.cluster.serve_env.FAST_SERVE_ENV``).
 
     python bench/serve_tail.py                                   # ~4 min: 3 rounds of 10 s
     python bench/serve_tail.py --compare RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1000   # + throughput mode's own buffer
@@ -105,7 +105,7 @@ def main() -> None:
         Path(spec["out"]).write_text(json.dumps(_child(spec)))
         return
 
-    from mlray.serve_env import FAST_SERVE_ENV
+    from mlray.cluster.serve_env import FAST_SERVE_ENV
 
     started = time.monotonic()
     home = os.environ.setdefault("MLRAY_HOME", tempfile.mkdtemp(prefix="mlray-bench-tail-"))

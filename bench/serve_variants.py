@@ -48,7 +48,7 @@ def make_variants(version: int) -> dict[str, dict[str, float]]:
     from mlray.compress import compress
     from mlray.errors import NotFound
     from mlray.registry import get_version
-    from mlray.tracking import client
+    from mlray.registry.tracking import client
 
     figures = {}
     for name, (alias, method) in VARIANTS.items():

@@ -32,9 +32,9 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlray.config import parse_config  # noqa: E402
-from mlray.data import _hash_uniform, _row_keys, _split_ids, synthetic_batch  # noqa: E402
-from mlray.loop import LoopConfig, new_training_state, train_epoch  # noqa: E402
 from mlray.models import ModelSpec  # noqa: E402
+from mlray.training.data import _hash_uniform, _row_keys, _split_ids, synthetic_batch  # noqa: E402
+from mlray.training.loop import LoopConfig, new_training_state, train_epoch  # noqa: E402
 
 FEATURES, CLASSES, SEED = 64, 10, 42
 USERPROJECT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "userproject"
@@ -102,8 +102,8 @@ def hand_written(rows: int, epochs: int, workers: int, batch: int, loop_cfg: dic
 def mlray_side(rows: int, epochs: int, workers: int, batch: int, parquet: Path | None) -> list[tuple[float, int]]:
     import ray
 
-    from mlray.tracking import client
-    from mlray.train import train
+    from mlray.registry.tracking import client
+    from mlray.training.train import train
 
     # cache: the hand-written loop holds its data in memory; mlray holds it in the object store
     if parquet is None:

@@ -10,7 +10,7 @@ import json
 import logging
 
 from mlray.config import load_config
-from mlray.train import train
+from mlray.training.train import train
 
 
 def main() -> None:

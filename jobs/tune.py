@@ -10,7 +10,7 @@ import json
 import logging
 
 from mlray.config import load_config
-from mlray.tune import sweep
+from mlray.training.tune import sweep
 
 
 def main() -> None:

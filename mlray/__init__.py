@@ -21,7 +21,7 @@ _EXPORTS = {
     "TrainConfig": "mlray.config", "RegistryConfig": "mlray.config", "GateConfig": "mlray.config",
     "TuneSettings": "mlray.config", "load_config": "mlray.config", "parse_config": "mlray.config",
     "ServeAppConfig": "mlray.serving.config",
-    "TrainResult": "mlray.train", "LoadedModel": "mlray.artifact", "MlrayError": "mlray.errors",
+    "TrainResult": "mlray.training.train", "LoadedModel": "mlray.artifact", "MlrayError": "mlray.errors",
     "CompressResult": "mlray.compress.core", "CompressionRefused": "mlray.errors",
 }
 
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     )
     from mlray.errors import CompressionRefused, MlrayError
     from mlray.serving.config import ServeAppConfig
-    from mlray.train import TrainResult
+    from mlray.training.train import TrainResult
 
 
 def __getattr__(name: str) -> Any:
@@ -65,9 +65,9 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """``mlray.train`` and ``mlray.tune`` are both functions of the API and modules of the package. Importing a
-    submodule sets it as an attribute of its package; here the API function keeps the name (the modules stay
-    importable as usual: ``from mlray.train import TrainResult``)."""
+    """``mlray.compress`` is both a function of the API and a package. Importing a subpackage sets it as an
+    attribute of its parent; here the API function keeps the name (the package stays importable as usual:
+    ``from mlray.compress import CompressResult``)."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == "mlray.api":

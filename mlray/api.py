@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     from mlray.config import GateConfig, JobConfig
     from mlray.registry import PromotionResult
     from mlray.serving.foreign import PyfuncModel
-    from mlray.train import TrainResult
-    from mlray.tune import SweepResult
+    from mlray.training.train import TrainResult
+    from mlray.training.tune import SweepResult
 
 
 
@@ -47,7 +47,7 @@ def train(config: JobConfig | str | Path | dict[str, Any] | None = None, *,
         address: the Ray cluster; default a running one, else a new local one.
         progress: called with a line per finished epoch.
     """
-    from mlray.train import train as run_training
+    from mlray.training.train import train as run_training
 
     return run_training(_job_config(config, overrides), run_name=run_name, address=address, progress=progress)
 
@@ -55,7 +55,7 @@ def train(config: JobConfig | str | Path | dict[str, Any] | None = None, *,
 def tune(config: JobConfig | str | Path | dict[str, Any], *, overrides: dict[str, Any] | None = None,
          address: str | None = None) -> SweepResult:
     """A hyperparameter sweep (the config's ``tune`` section); registers the best trial's model."""
-    from mlray.tune import sweep
+    from mlray.training.tune import sweep
 
     return sweep(_job_config(config, overrides), address=address)
 

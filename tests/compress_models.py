@@ -1,7 +1,7 @@
 """A model trained in this process and registered as ``mlray train`` would, for compression tests and bench.
 
-Training runs the worker's own step (:func:`mlray.loop.train_epoch`) on the splits a job with that config
-uses (:func:`mlray.data.local_splits`), and the MLflow run gets the params and data tags a training run logs,
+Training runs the worker's own step (:func:`mlray.training.loop.train_epoch`) on the splits a job with that config
+uses (:func:`mlray.training.data.local_splits`), and the MLflow run gets the params and data tags a training run logs,
 so that ``mlray.compress`` finds the parent's test split exactly as it would for a version trained on Ray.
 """
 
@@ -19,14 +19,13 @@ def train_and_register(name: str, *, model: dict[str, Any], epochs: int = 8, lr:
     """Train ``model`` (a job config's ``model`` section) on ``data`` (default digits); returns the version."""
     from mlflow.entities import Param
 
-    from mlray import tracking
     from mlray.artifact import ARTIFACT_KEY, write_model_dir
     from mlray.config import parse_config
-    from mlray.data import local_splits
-    from mlray.loop import train_epoch
     from mlray.models import ModelSpec, build
-    from mlray.registry import register
-    from mlray.training_run import flat_params
+    from mlray.registry import register, tracking
+    from mlray.training.data import local_splits
+    from mlray.training.loop import train_epoch
+    from mlray.training.run import flat_params
 
     cfg = parse_config({"name": name, "seed": seed, "task": task, "data": data or {"source": "digits"},
                         "model": model, "train": {"epochs": epochs, "lr": lr}})

@@ -38,7 +38,7 @@ def ray_cluster(mlray_home: str):
     import ray
     from ray.cluster_utils import Cluster
 
-    from mlray.serve_env import serve_head_env
+    from mlray.cluster.serve_env import serve_head_env
 
     # The Serve settings of the heads mlray starts (HAProxy ingress with its retries, throughput mode, private
     # HAProxy files): the serving tests run what users get. Serve reads them when its processes start, and
@@ -77,7 +77,7 @@ def digits_config(**changes):
 @pytest.fixture(scope="session")
 def trained(ray_session):
     """The undisturbed baseline: digits, 2 workers, seed 42."""
-    from mlray.train import train
+    from mlray.training.train import train
 
     return train(digits_config())
 

@@ -22,7 +22,7 @@ def register_classifier(name: str, *, serialization_format: str = "skops") -> in
     from sklearn.linear_model import LogisticRegression
 
     from mlray import settings
-    from mlray.tracking import experiment_id
+    from mlray.registry.tracking import experiment_id
 
     x, y = iris()
     model = LogisticRegression(max_iter=500).fit(x, y)
@@ -41,7 +41,7 @@ def register_regressor(name: str, *, signature: bool = True) -> int:
     import mlflow.pyfunc
 
     from mlray import settings
-    from mlray.tracking import experiment_id
+    from mlray.registry.tracking import experiment_id
 
     class HalfSum(mlflow.pyfunc.PythonModel):  # defined here so that cloudpickle stores it by value
         def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
@@ -65,7 +65,7 @@ def register_torch(name: str, *, serialization_format: str = "pt2") -> int:
     import torch
 
     from mlray import settings
-    from mlray.tracking import experiment_id
+    from mlray.registry.tracking import experiment_id
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).eval()

@@ -54,8 +54,8 @@ def free_port() -> int:
 
 
 def isolation_env(rundir: Path) -> dict[str, str]:
-    """mlray's per-head HAProxy ports, files and loopback wrapper (:func:`mlray.serve_env.haproxy_env`)."""
-    from mlray.serve_env import haproxy_env
+    """mlray's per-head HAProxy ports, files and loopback wrapper (:func:`mlray.cluster.serve_env.haproxy_env`)."""
+    from mlray.cluster.serve_env import haproxy_env
 
     return {**haproxy_env(rundir), "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}

@@ -1,7 +1,7 @@
 """Every Ray environment knob mlray sets (written for Ray 2.60.0; a user's own value always wins).
 
 Ray reads them when its processes start, so they go on ``ray start``, ``ray.init`` and the processes those
-start. The figures behind each value are in bench/README.md.
+start. The figures behind each value: bench/README.md, "Why mlray's settings are what they are".
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 # Ray Train: set on every Ray process mlray starts, and in its drivers (Train v2 hands the driver's
 # RAY_TRAIN_* settings on to its controller).
 TRAIN_ENV = {
-    # Ray Train v2 paces report() by this interval (2 s by default): 0.25 s cut a 5-epoch fit 39 s -> 27 s.
+    # Ray Train v2 paces report() by this interval (2 s by default); shorter makes short fits much faster.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     # Without this, every worker print shows up twice in the driver's output.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
@@ -27,11 +27,11 @@ SERVE_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
-    # 30 s by default: every `serve shutdown`, redeploy and scale-down waited that long; at 5 s replacing
-    # every replica under load still failed 0 of 1,406 requests.
+    # 30 s by default: every `serve shutdown`, redeploy and scale-down waited that long; 5 s still replaces
+    # every replica under load without a failed request.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     # Throughput mode buffers 1,000 access-log records per replica and writes them inside whichever request
-    # fills the buffer (a 30-60 ms stall); 100 records make each flush ~5 ms. Same log lines.
+    # fills the buffer, a stall in that request's answer; 100 records make each flush short. Same log lines.
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "100",
     # Not RAY_SERVE_HAPROXY_CLOSE_SPREAD_TIME_S: a reloaded-out worker would close idle keep-alive connections
     # within that window, and a client sending on one at that instant gets a reset.

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlray import settings, tracking
+from mlray import settings
 from mlray.artifact import ARTIFACT_KEY, LoadedModel, load_model_dir, write_model_dir
 from mlray.compress import measure
 from mlray.compress.methods import VariantInputs, check_method, make_variant
 from mlray.config import DataConfig
-from mlray.data import local_splits
 from mlray.errors import CompressionRefused, ConfigError, DataError
-from mlray.registry import VersionInfo, get_version, register
+from mlray.registry import VersionInfo, get_version, register, tracking
+from mlray.training.data import local_splits
 
 logger = logging.getLogger(__name__)
 

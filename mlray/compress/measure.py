@@ -1,6 +1,6 @@
 """The figures of a variant and of its parent: task metric, size and CPU latency, measured the same way.
 
-The metric comes from :func:`mlray.loop.evaluate_test_split`, the code that evaluates training, over the
+The metric comes from :func:`mlray.training.loop.evaluate_test_split`, the code that evaluates training, over the
 parent's held-out test split. Latency goes through :meth:`mlray.artifact.LoadedModel.predict` (what a
 Serve replica calls, with one intra-op thread as a replica has): the median of repeated timed calls after
 warm-up, at batch 1 and batch 64.
@@ -19,7 +19,7 @@ import torch
 
 from mlray.artifact import WEIGHTS_FILE, LoadedModel
 from mlray.compress.variants import ONNX_FILE
-from mlray.loop import evaluate_test_split
+from mlray.training.loop import evaluate_test_split
 
 LATENCY_BATCHES = (1, 64)
 WARMUP_CALLS = 20

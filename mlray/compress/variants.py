@@ -70,7 +70,7 @@ class OrtBody(nn.Module):
         options = ort.SessionOptions()
         options.log_severity_level = 3  # warnings about unused initializers are noise here
         # One thread, no spinning: next to torch's own threads (and other replicas) on few cores, onnxruntime's
-        # spinning pool made a 64-row call 400x slower here (bench/README.md, compression).
+        # spinning pool made small calls far slower (bench/README.md).
         options.intra_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlray import registry, tracking
+from mlray import registry
 from mlray.pipeline.record import OUTCOME_TAG, STEP_TAG
+from mlray.registry import tracking
 
 
 def _run(run_id: str | None) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mlray import tracking
+from mlray.registry import tracking
 
 logger = logging.getLogger(__name__)
 

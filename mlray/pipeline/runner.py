@@ -86,7 +86,7 @@ def plan(cfg: PipelineConfig, *, pipeline_id: str) -> list[tuple[str, str]]:
 
 
 def _params(cfg: PipelineConfig, job: JobConfig) -> dict[str, str]:
-    from mlray.training_run import flat_params
+    from mlray.training.run import flat_params
 
     params = {f"pipeline.{k}": v for k, v in flat_params(cfg.model_dump(mode="json")).items()}
     params.update({f"job.{k}": v for k, v in flat_params(job.model_dump(mode="json")).items()})
@@ -99,7 +99,7 @@ def run(cfg: PipelineConfig, *, pipeline_id: str | None = None, address: str | N
 
     ``step_fns`` replaces step functions by name (the unit tests run the runner without Ray).
     """
-    from mlray import tracking
+    from mlray.registry import tracking
 
     pipeline_id = pipeline_id or new_id()
     job = job_config(cfg)

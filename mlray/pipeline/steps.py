@@ -11,11 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlray import registry, tracking
+from mlray import registry
 from mlray.config import GateConfig, JobConfig
 from mlray.errors import ConfigError, MlrayError, NotFound
 from mlray.pipeline.config import PipelineConfig
 from mlray.pipeline.record import PipelineRecord
+from mlray.registry import tracking
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +62,11 @@ def train_run_name(pipeline_id: str) -> str:
 
 
 def train(ctx: Context) -> StepResult:
-    """mlray's own training (:func:`mlray.train.train`) under ``train.run_name = pipeline-<id>``: a run killed
+    """mlray's own training (:func:`mlray.training.train.train`) under ``train.run_name = pipeline-<id>``: a run killed
     during training continues from its checkpoints, and one that finished is found, not trained again."""
 
-    from mlray.train import train as run_training
-    from mlray.training_run import runs_named
+    from mlray.training.run import runs_named
+    from mlray.training.train import train as run_training
 
     if ctx.cfg.trainer == "tune":
         return _tune(ctx)
@@ -87,9 +88,9 @@ def train(ctx: Context) -> StepResult:
 
 
 def _tune(ctx: Context) -> StepResult:
-    """mlray's sweep (:func:`mlray.tune.sweep`) under ``tune.sweep_name = pipeline-<id>``: a killed sweep resumes
-    its trials, and one that finished is found by its registered version, not run again."""
-    from mlray.tune import SWEEP_TAG, sweep
+    """mlray's sweep (:func:`mlray.training.tune.sweep`) under ``tune.sweep_name = pipeline-<id>``: a killed
+    sweep resumes its trials, and one that finished is found by its registered version, not run again."""
+    from mlray.training.tune import SWEEP_TAG, sweep
 
     assert ctx.job.tune is not None  # job_config checked it
     name = train_run_name(ctx.pipeline_id)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from mlray import registry, tracking
+from mlray import registry
 from mlray.errors import MlrayError, PromotionRefused
 from mlray.pipeline.canary import CanaryDecision, CanaryPolicy
 from mlray.pipeline.steps import Context, StepResult
+from mlray.registry import tracking
 from mlray.serving.traffic import window
 
 

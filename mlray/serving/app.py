@@ -19,8 +19,8 @@ from fastapi import FastAPI, Request, Response
 from ray import serve
 from starlette.convertors import StringConvertor, register_url_convertor
 
+from mlray._ray.agent import lower_metrics_agent_priority
 from mlray.errors import ModelLoadError
-from mlray.serve_env import lower_metrics_agent_priority
 from mlray.serving import openapi, routes, selection
 from mlray.serving.auth import AuthMiddleware, KeyFileWatch, KeyGuard, load_key_hashes
 from mlray.serving.config import ServeAppConfig

@@ -1,8 +1,8 @@
 """Requests that arrive together share one model call, in the replica's event loop.
 
-Ray's ``@serve.batch`` does this too, but costs ~60 us per call on this machine (it rebuilds the handler's
-signature with ``inspect`` on every call, and routes each request through its own queue and task machinery);
-this does the same for mlray's one use in ~6 us (``bench/README.md``). The policy is ``@serve.batch``'s:
+Ray's ``@serve.batch`` does this too, at about ten times the cost per call (it rebuilds the handler's
+signature with ``inspect`` on every call, and routes each request through its own queue and task machinery;
+figures in ``bench/README.md``). The policy is ``@serve.batch``'s:
 
 - the first request starts a batch; with ``wait_s == 0`` the batch takes whatever else is already queued
   when the event loop comes back to it (requests that arrived together), so a lone request never waits;

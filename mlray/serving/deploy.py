@@ -27,10 +27,9 @@ logger = logging.getLogger(__name__)
 
 
 def default_yaml() -> Path:
-    """``serve_apps/digits.yaml``, shipped inside the installed ``serve_apps`` package."""
-    import serve_apps
-
-    return Path(serve_apps.__file__).with_name("digits.yaml")
+    """The digits app's Serve YAML, package data of mlray (``serve_apps/digits.yaml`` is a link to it, for
+    ``serve deploy``)."""
+    return Path(__file__).with_name("digits.yaml")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The prediction routes answered in plain ASGI, ahead of FastAPI's router.
 
-A single-row prediction is mostly fixed cost. Measured with py-spy in a replica at 16 clients (2 cores),
-FastAPI's share of that cost (its router, dependency solving, ``Request`` and ``JSONResponse`` objects and
-their middlewares) was about as large as the model call, the JSON and mlray's own checks together. The
+A single-row prediction is mostly fixed cost, and FastAPI's share of it (its router, dependency solving,
+``Request`` and ``JSONResponse`` objects and their middlewares) is about as large as the model call, the JSON
+and mlray's own checks together (profiled: bench/README.md). The
 routes with ``fast=True`` in the route table (the three prediction routes) are therefore matched here and
 answered by the *same* core method FastAPI's registration calls, with the same errors
 (``http.render_error``) and the same headers. Everything else (metadata, health, OpenAPI at ``/docs``,

@@ -96,8 +96,8 @@ def _body(route: Route, model: dict[str, Any] | None, max_rows: int) -> dict[str
     if names is not None:
         number = r"-?(0|[1-9][0-9]{0,5})(\.[0-9]{1,4})?"
         row = ",".join([number] * len(names))
-        # Up to CSV_ROWS rows shown: a pattern repeated up to max_rows times made schemathesis' generator use
-        # 23 GB (measured); more rows are read as well, up to max_rows.
+        # Up to CSV_ROWS rows shown: a pattern repeated up to max_rows times made schemathesis' generator run
+        # out of memory (bench/README.md); more rows are read as well, up to max_rows.
         shown = min(CSV_ROWS, max_rows)
         content["text/csv"] = {"schema": {
             "type": "string", "pattern": f"^{','.join(names)}\\r?\\n({row}\\r?\\n){{0,{shown - 1}}}{row}\\r?\\n?$",

@@ -47,7 +47,7 @@ def expand(cfg: ServeAppConfig) -> ServeAppConfig:
     its alias, so a deploy fails with the entry's name rather than serving nothing."""
     if not any(entry.selects for entry in cfg.models):
         return cfg
-    from mlray.tracking import client
+    from mlray.registry.tracking import client
 
     registered = _all_registered(client(cfg.tracking_uri))
     named = {entry.name for entry in cfg.models if entry.name is not None}

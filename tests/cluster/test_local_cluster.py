@@ -21,7 +21,7 @@ import pytest
 import requests
 import yaml
 
-from mlray.listeners import EXPOSED_BY_DESIGN, LOOPBACK, WILDCARD, Listener, findings
+from mlray.cluster.listeners import EXPOSED_BY_DESIGN, LOOPBACK, WILDCARD, Listener, findings
 from tests.cluster.conftest import BIN, IDLE_TIMEOUT_MINUTES, ROOT, LabCluster, Tunnel
 from tests.helpers import free_port, wait_for
 from tests.listener_probes import how_it_refuses
@@ -188,7 +188,7 @@ def test_a_job_that_needs_more_than_the_head_adds_a_worker_registers_and_the_idl
 @pytest.mark.timeout(240)
 def test_the_head_exposes_only_the_known_listeners_and_each_refuses_callers_without_credentials(
         cluster: LabCluster) -> None:
-    done = cluster.exec_on_head("~/mlray-env/bin/python -m mlray.listeners --json")
+    done = cluster.exec_on_head("~/mlray-env/bin/python -m mlray.cluster.listeners --json")
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     listeners = [row for row in rows if "port" in row]
     assert rows and rows[-1] == {"findings": []}, done.stdout[-3000:]
@@ -220,7 +220,7 @@ def test_the_head_exposes_only_the_known_listeners_and_each_refuses_callers_with
 
 @pytest.mark.timeout(60)
 def test_the_head_starts_ray_with_mlrays_serve_settings(cluster: LabCluster) -> None:
-    """`eval "$(python -m mlray.serve_env)"` in the start commands: the head's raylet (whose environment every
+    """`eval "$(python -m mlray.cluster.serve_env)"` in the start commands: the head's raylet (whose environment every
     Serve process inherits) has HAProxy on, its replays, and the loopback wrapper."""
     import psutil
 

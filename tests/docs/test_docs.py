@@ -138,10 +138,10 @@ def test_the_quickstart_model_predicts_the_test_images(docs: DocsSession) -> Non
 
 
 def test_the_local_head_serves_through_haproxy_on_loopback_only(docs: DocsSession) -> None:
-    """The README's head runs Serve with HAProxy (mlray.serve_env); none of its HTTP listeners reach past
+    """The README's head runs Serve with HAProxy (mlray.cluster.serve_env); none of its HTTP listeners reach past
     loopback: the frontend, HAProxy's stats and metrics ports (rewritten by mlray's wrapper), the replicas'
     direct ingress ports (30000-31000), the dashboard."""
-    from mlray.listeners import listeners
+    from mlray.cluster.listeners import listeners
 
     found = listeners()
     haproxy = [item for item in found if item.role == "ray-serve-haproxy"]
@@ -214,7 +214,7 @@ def test_every_listener_of_the_quickstart_head_is_loopback_or_refuses_callers_wi
     serve Prometheus metrics, read-only, and only Ray's metrics roles may (the dashboard's, the autoscaler's
     and each agent's exporter: Ray binds them to the node's address, with no setting; they run nothing).
     """
-    from mlray.listeners import EXPOSED_BY_DESIGN, LOOPBACK, WILDCARD, listeners
+    from mlray.cluster.listeners import EXPOSED_BY_DESIGN, LOOPBACK, WILDCARD, listeners
     from tests.listener_probes import OPEN_READ_ONLY, how_it_refuses
 
     record = head_record()

@@ -76,7 +76,7 @@ def submitted(env):
 @pytest.fixture(scope="module")
 def rows():
     from mlray.config import parse_config
-    from mlray.data import sample_test_rows
+    from mlray.training.data import sample_test_rows
 
     x, y = sample_test_rows(parse_config({}).data, seed=42, count=32)
     return x, y

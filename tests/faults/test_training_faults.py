@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from mlray.errors import TrainingFailed
-from mlray.tracking import ATTEMPTS_TAG, EPOCH_METRICS, client
-from mlray.train import RUN_NAME_TAG
+from mlray.registry.tracking import ATTEMPTS_TAG, EPOCH_METRICS, client
+from mlray.training.train import RUN_NAME_TAG
 from tests.conftest import DIGITS, digits_config
 from tests.helpers import wait_for
 
@@ -45,7 +45,7 @@ def _epochs_logged(experiment: str) -> int:
 
 
 def _train_in_background(cfg) -> Future:
-    from mlray.train import train
+    from mlray.training.train import train
 
     pool = ThreadPoolExecutor(1)
     future = pool.submit(train, cfg)
@@ -145,7 +145,7 @@ def test_d_failure_on_every_attempt_ends_failed_and_registers_nothing(ray_sessio
     every attempt fail; after max_failures restarts the run ends FAILED. (Bad labels no longer get this far:
     they are refused before any worker starts, tests/integration/test_own_model.py.)"""
     from mlray.config import parse_config
-    from mlray.train import train
+    from mlray.training.train import train
 
     userproject = Path(__file__).resolve().parents[1] / "fixtures" / "userproject"
     sys.path.append(str(userproject))  # the driver imports the factory; workers get the same folder from it
@@ -165,7 +165,7 @@ def test_d_failure_on_every_attempt_ends_failed_and_registers_nothing(ray_sessio
 
 
 def test_spread_puts_workers_on_three_nodes(ray_cluster):
-    from mlray.train import train
+    from mlray.training.train import train
 
     nodes = [ray_cluster.add_node(num_cpus=1) for _ in range(2)]
     ray_cluster.wait_for_nodes()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mlray.tracking import client
-from mlray.tune import SWEEP_TAG, TRIAL_TAG
+from mlray.registry.tracking import client
+from mlray.training.tune import SWEEP_TAG, TRIAL_TAG
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,7 @@ def test_placement_groups_of_dead_actors_are_released(ray_cluster):
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from mlray.tune import release_orphaned_placement_groups
+    from mlray.training.tune import release_orphaned_placement_groups
 
     @ray.remote(num_cpus=0)
     class Creator:
@@ -86,9 +86,9 @@ def test_a_trial_restarted_after_it_finished_reports_its_recorded_run(ray_cluste
     (seen in CI: it failed, so the sweep's best ignored it while MLflow showed it as the best)."""
     from ray import tune
 
-    from mlray import tracking
-    from mlray.train import MODEL_URI_TAG, RUN_NAME_TAG
-    from mlray.tune import _trial
+    from mlray.registry import tracking
+    from mlray.training.train import MODEL_URI_TAG, RUN_NAME_TAG
+    from mlray.training.tune import _trial
     from tests.conftest import digits_config
 
     experiment = tracking.experiment_id("digits-restarted-trial")

@@ -37,7 +37,7 @@ def _gpu_config(name: str, *, precision: str = "fp32", model: dict | None = None
 @two_gpus
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_ddp_on_two_gpus_digits(ray_session, precision):
-    from mlray.train import train
+    from mlray.training.train import train
 
     result = train(_gpu_config(f"gpu-digits-{precision}", precision=precision))
     assert result.test_accuracy >= 0.9 and len(result.worker_nodes) == 2
@@ -46,7 +46,7 @@ def test_ddp_on_two_gpus_digits(ray_session, precision):
 @two_gpus
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_ddp_on_two_gpus_user_factory(ray_session, userproject, precision):
-    from mlray.train import train
+    from mlray.training.train import train
 
     model = {"factory": "usermodel.nets:residual_mlp", "kwargs": {"width": 64, "depth": 2}}
     result = train(_gpu_config(f"gpu-user-{precision}", precision=precision, model=model))
@@ -55,8 +55,8 @@ def test_ddp_on_two_gpus_user_factory(ray_session, userproject, precision):
 
 @two_gpus
 def test_resume_on_gpus_after_a_worker_dies(ray_session, userproject, tmp_path):
-    from mlray.tracking import ATTEMPTS_TAG, client
-    from mlray.train import train
+    from mlray.registry.tracking import ATTEMPTS_TAG, client
+    from mlray.training.train import train
 
     model = {"factory": "usermodel.nets:exits_once", "kwargs": {"marker": str(tmp_path / "died"), "after": 60}}
     result = train(_gpu_config("gpu-resume", model=model, max_failures=2))
@@ -66,9 +66,9 @@ def test_resume_on_gpus_after_a_worker_dies(ray_session, userproject, tmp_path):
 
 
 def test_a_served_replica_with_a_gpu_runs_the_model_on_cuda(trained, serve_port):
-    from mlray.data import sample_test_rows
     from mlray.registry import promote
     from mlray.serving.loader import load_registered
+    from mlray.training.data import sample_test_rows
 
     promote("digits", version=trained.version, alias="champion", force=True)
     url = deploy_app("digitsgpu", {"model": "digits", "alias": "champion"}, port=serve_port,

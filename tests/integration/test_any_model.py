@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 def _alias(name: str, version: int, alias: str = "champion") -> None:
-    from mlray.tracking import client
+    from mlray.registry.tracking import client
 
     client().set_registered_model_alias(name, alias, str(version))
 
@@ -62,7 +62,7 @@ def test_foreign_models_answer_what_their_pyfunc_answers_offline(apps, foreign, 
     import mlflow.sklearn
 
     from mlray.config import parse_config
-    from mlray.data import sample_test_rows
+    from mlray.training.data import sample_test_rows
 
     url = apps[0]
     x, _ = iris()

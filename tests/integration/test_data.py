@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from mlray.config import DataConfig
-from mlray.data import file_fingerprint, prepare
 from mlray.errors import DataError
+from mlray.training.data import file_fingerprint, prepare
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,5 @@
 """Monitoring wired (serving-trust issue, part 4): a real Prometheus (Debian's package) started by
-``mlray.monitoring.up`` scrapes the test cluster's metrics ports while a real Serve app takes load; PromQL
+``mlray.cluster.monitoring.up`` scrapes the test cluster's metrics ports while a real Serve app takes load; PromQL
 returns mlray's request counts and a training's epoch metrics, and mlray's load-failure alert fires when a
 replica fails to load a version."""
 
@@ -22,7 +22,7 @@ def monitored(trained, serve_port):
     import ray
     from ray import serve
 
-    from mlray import monitoring
+    from mlray.cluster import monitoring
     from mlray.registry import promote
 
     good, broken = register_copy("mon", trained), register_copy("mon", trained, broken=True)
@@ -41,7 +41,7 @@ def monitored(trained, serve_port):
 
 
 def test_prometheus_returns_mlrays_request_counts_during_load(monitored):
-    from mlray.monitoring import query
+    from mlray.cluster.monitoring import query
 
     url, running, (good, _) = monitored
     promql = 'sum by (model, version, status) (ray_mlray_requests_total{application="mon", protocol="v1"})'
@@ -54,7 +54,7 @@ def test_prometheus_returns_mlrays_request_counts_during_load(monitored):
 
 
 def test_load_failure_alert_fires_when_a_replica_fails_to_load(monitored):
-    from mlray.monitoring import firing_alerts
+    from mlray.cluster.monitoring import firing_alerts
     from mlray.registry import promote
     from mlray.serving.deploy import rollout
 
@@ -71,8 +71,8 @@ def test_load_failure_alert_fires_when_a_replica_fails_to_load(monitored):
 
 
 def test_training_exports_its_epoch_metrics_to_prometheus(monitored):
-    from mlray.monitoring import query
-    from mlray.train import train
+    from mlray.cluster.monitoring import query
+    from mlray.training.train import train
     from tests.conftest import digits_config
 
     _, running, _ = monitored

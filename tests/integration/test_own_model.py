@@ -11,7 +11,7 @@ import requests
 
 from mlray.config import parse_config
 from mlray.errors import ConfigError, DataError, PromotionRefused
-from mlray.tracking import REGRESSION_EPOCH_METRICS, client
+from mlray.registry.tracking import REGRESSION_EPOCH_METRICS, client
 from tests.conftest import deploy_app
 
 pytestmark = pytest.mark.integration
@@ -43,8 +43,8 @@ def diabetes_config(source: str, **train):
 
 
 def _splits(source: str, seed: int = 42):
-    """The rows of each split exactly as mlray.data assigns them (a seeded hash of each row's values)."""
-    from mlray.data import _hash_uniform, _row_keys, _split_ids
+    """The rows of each split exactly as mlray.training.data assigns them (a seeded hash of each row's values)."""
+    from mlray.training.data import _hash_uniform, _row_keys, _split_ids
 
     frame = pd.read_csv(source)
     x = frame[FEATURES].to_numpy(np.float32)
@@ -55,7 +55,7 @@ def _splits(source: str, seed: int = 42):
 
 @pytest.fixture(scope="module")
 def regression(ray_session, diabetes_csv):
-    from mlray.train import train
+    from mlray.training.train import train
 
     return train(diabetes_config(diabetes_csv))
 
@@ -85,7 +85,7 @@ def test_regression_on_diabetes_is_as_good_as_ridge(regression, diabetes_csv):
 
 def test_the_gate_minimizes_rmse(regression, diabetes_csv):
     from mlray.registry import get_version, promote
-    from mlray.train import train
+    from mlray.training.train import train
 
     gate = diabetes_config(diabetes_csv).registry.gate
     promote("diabetes", version=regression.version, alias="champion", gate=gate)
@@ -154,7 +154,7 @@ def _table(tmp_path, label) -> str:
                               r"'classification' needs whole-number class ids"),
 ])
 def test_bad_class_labels_fail_before_any_worker(ray_session, tmp_path, label, extra, message):
-    from mlray.train import train
+    from mlray.training.train import train
 
     cfg = parse_config({"name": "badlabels2", "data": {"source": _table(tmp_path, label), "label_column": "label",
                                                        **extra}, "train": {"epochs": 1}})
@@ -164,7 +164,7 @@ def test_bad_class_labels_fail_before_any_worker(ray_session, tmp_path, label, e
 
 
 def test_a_regression_target_that_is_not_numeric(ray_session, tmp_path):
-    from mlray.train import train
+    from mlray.training.train import train
 
     cfg = parse_config({"name": "badtarget", "task": "regression",
                         "data": {"source": _table(tmp_path, ["low", "high"] * 50), "label_column": "label"}})
@@ -175,7 +175,7 @@ def test_a_regression_target_that_is_not_numeric(ray_session, tmp_path):
 
 
 def test_a_factory_that_does_not_import_fails_before_a_run(ray_session):
-    from mlray.train import train
+    from mlray.training.train import train
 
     cfg = parse_config({"name": "badfactory", "model": {"factory": "nosuchpkg.nets:mlp"}, "train": {"epochs": 1}})
     with pytest.raises(ConfigError, match="model.factory 'nosuchpkg.nets:mlp': module 'nosuchpkg.nets' does not"):

@@ -69,8 +69,8 @@ def _champion() -> int:
 def test_better_candidate_becomes_champion_after_a_kill_mid_canary(app, ray_cluster, tmp_path):
     from mlray.pipeline import load_pipeline, run
     from mlray.pipeline.record import PipelineRecord
-    from mlray.tracking import client, experiment_id
-    from mlray.training_run import runs_named
+    from mlray.registry.tracking import client, experiment_id
+    from mlray.training.run import runs_named
 
     config = _write_pipeline(tmp_path)
     before = _champion()
@@ -132,8 +132,8 @@ def test_worse_candidate_from_a_tune_sweep_stops_at_the_gate_and_serving_is_unto
 
     from mlray.pipeline import load_pipeline, run
     from mlray.registry import get_version
+    from mlray.registry.tracking import client
     from mlray.serving.deploy import app_status
-    from mlray.tracking import client
 
     champion = _champion()
     sweep = {"num_samples": 1, "scheduler": {"type": "fifo"},  # a grid of 2: 2 trials

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from mlray.config import parse_config
-from mlray.data import sample_test_rows
+from mlray.training.data import sample_test_rows
 
 pytestmark = pytest.mark.integration
 
@@ -216,7 +216,7 @@ def test_replicas_put_rays_metrics_agent_below_them(served):
 
     import psutil
 
-    from mlray.serve_env import is_metrics_agent
+    from mlray.cluster.serve_env import is_metrics_agent
 
     def nices(pid: int) -> set[int]:
         return {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}

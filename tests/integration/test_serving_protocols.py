@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlray.config import parse_config
-from mlray.data import sample_test_rows
 from mlray.serving.auth import add_key_to_file, hash_key, is_public
+from mlray.training.data import sample_test_rows
 from tests.conftest import deploy_app, register_copy
 from tests.helpers import wait_for
 

@@ -8,7 +8,7 @@ import pytest
 
 from mlray.config import parse_config
 from mlray.errors import ConfigError
-from mlray.tracking import EPOCH_METRICS, client
+from mlray.registry.tracking import EPOCH_METRICS, client
 from tests.conftest import digits_config
 
 pytestmark = pytest.mark.integration
@@ -42,8 +42,8 @@ def test_two_workers_reach_accuracy_and_record_everything(trained):
 def test_logged_model_has_signature_and_loads_as_pyfunc(trained):
     import mlflow
 
-    from mlray.data import sample_test_rows
     from mlray.serving.loader import load_registered
+    from mlray.training.data import sample_test_rows
 
     model = mlflow.pyfunc.load_model(f"models:/digits/{trained.version}")
     inputs = model.metadata.get_input_schema().input_names()
@@ -56,7 +56,7 @@ def test_logged_model_has_signature_and_loads_as_pyfunc(trained):
 
 
 def test_bad_architecture_fails_before_a_run_is_created(ray_session):
-    from mlray.train import train
+    from mlray.training.train import train
 
     before = len(client().search_runs([e.experiment_id for e in client().search_experiments()]))
     with pytest.raises(ConfigError, match="model.arch 'transformer' is not known"):

@@ -188,7 +188,7 @@ def test_model_refs(text, expected):
     assert (ref.name, ref.alias, ref.version) == expected
 
 
-PROGRESS = "from mlray.console import progress\nwith progress('training', total=3) as step:\n" \
+PROGRESS = "from mlray.cli.console import progress\nwith progress('training', total=3) as step:\n" \
            "    for n in range(3): step(f'epoch {n + 1}/3')\nprint('done')\n"
 
 

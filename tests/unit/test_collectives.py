@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mlray.loop import LoopConfig, epoch_pass, evaluate_test_split, new_training_state
 from mlray.models import ModelSpec
+from mlray.training.loop import LoopConfig, epoch_pass, evaluate_test_split, new_training_state
 from tests.helpers import free_port
 
 DEVICE = torch.device("cpu")  # the workers' device; the default device below is another one

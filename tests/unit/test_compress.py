@@ -45,14 +45,14 @@ def variants(parent):
 def _test_split():
     from mlray.compress.measure import Split
     from mlray.config import DataConfig
-    from mlray.data import local_splits
+    from mlray.training.data import local_splits
 
     rows, _ = local_splits(DataConfig(), seed=42)
     return Split(*rows["test"])
 
 
 def _versions(name: str) -> list[int]:
-    from mlray.tracking import client
+    from mlray.registry.tracking import client
 
     return sorted(int(v.version) for v in client().search_model_versions(f"name='{name}'"))
 
@@ -62,7 +62,7 @@ def test_each_method_registers_a_variant_with_its_figures(variants, parent, meth
     from mlray.api import load_model
     from mlray.compress.measure import test_metrics
     from mlray.registry import get_version
-    from mlray.tracking import client
+    from mlray.registry.tracking import client
 
     result = variants[method]
     assert result.method == method and result.parent_version == parent and result.version > parent
@@ -141,7 +141,7 @@ def test_mlflow_pyfunc_loads_a_variant(variants):
 
 def test_tolerance_zero_refuses_a_variant_that_lost_accuracy_and_registers_nothing(parent):
     from mlray.compress import compress
-    from mlray.tracking import client
+    from mlray.registry.tracking import client
 
     before = _versions("digits")
     with pytest.raises(CompressionRefused) as refused:

@@ -1,7 +1,7 @@
 import numpy as np
 
 from mlray.config import DataConfig
-from mlray.data import _hash_uniform, _row_keys, _split_ids, sample_test_rows, synthetic_batch
+from mlray.training.data import _hash_uniform, _row_keys, _split_ids, sample_test_rows, synthetic_batch
 
 
 def test_split_fractions_and_determinism():

@@ -164,9 +164,9 @@ def test_no_signature_takes_a_numeric_matrix_and_says_so():
 
 def test_a_model_without_signature_takes_a_matrix_of_the_width_its_tag_gives(store):
     from mlray.registry import get_version
+    from mlray.registry.tracking import client
     from mlray.serving.foreign import NUM_FEATURES_TAG
     from mlray.serving.loader import load_registered
-    from mlray.tracking import client
 
     version = register_regressor("bare", signature=False)
     with pytest.raises(ModelLoadError, match="no signature and its number of input columns is unknown"):

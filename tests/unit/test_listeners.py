@@ -1,4 +1,4 @@
-"""mlray.listeners: how far a bound address reaches, and which listeners break the cluster design.
+"""mlray.cluster.listeners: how far a bound address reaches, and which listeners break the cluster design.
 
 tests/cluster runs the same module on a launched head; here the rules, and this machine's own sockets.
 """
@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from mlray.listeners import LOOPBACK, PRIVATE, PUBLIC, WILDCARD, Listener, findings, listeners, main, reach_of
+from mlray.cluster.listeners import LOOPBACK, PRIVATE, PUBLIC, WILDCARD, Listener, findings, listeners, main, reach_of
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import torch
 
 from mlray.artifact import load_model_dir, write_model_dir
 from mlray.errors import ConfigError, ModelLoadError
-from mlray.loop import LoopConfig, evaluate, load_state, new_training_state, save_state, train_epoch
 from mlray.models import ModelSpec, build
+from mlray.training.loop import LoopConfig, evaluate, load_state, new_training_state, save_state, train_epoch
 
 
 def _data(n=256, f=8, k=3, seed=0):

@@ -193,7 +193,7 @@ def store(tmp_path, monkeypatch):
     """A real MLflow registry (SQLite) of its own."""
     monkeypatch.setenv("MLRAY_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    from mlray.tracking import client
+    from mlray.registry.tracking import client
 
     mlflow_client = client()
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mlray.cluster.monitoring import AlertThresholds, alert_rules, check_rules, discovery_from_nodes, prometheus_config
 from mlray.errors import ConfigError, MlrayError
-from mlray.monitoring import AlertThresholds, alert_rules, check_rules, discovery_from_nodes, prometheus_config
 from tests.helpers import need_program, printed_lines
 
 need_program("promtool", "apt-get install prometheus")

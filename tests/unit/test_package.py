@@ -40,7 +40,11 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs(tmp_path):
           "-w", str(tmp_path / "dist"), str(source)], cwd=tmp_path, env=clean)
     (wheel,) = (tmp_path / "dist").glob("mlray-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"mlray/py.typed", "mlray/_ray/haproxy.py", "serve_apps/digits.yaml"} <= set(names)
+    shipped = {"mlray/py.typed", "mlray/_ray/haproxy.py", "mlray/serving/digits.yaml", "serve_apps/digits.yaml"}
+    assert shipped <= set(names)
+    # serve_apps/digits.yaml (for `serve deploy`) is a link to the library's default: the same bytes in the wheel
+    built = zipfile.ZipFile(wheel)
+    assert built.read("serve_apps/digits.yaml") == built.read("mlray/serving/digits.yaml")
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "Requires-Python: >=3.11" in meta and "License-Expression: Apache-2.0" in meta
 

@@ -163,7 +163,7 @@ def _fake_steps(calls: list[str], *, kill_in: str | None = None, gate_passes: bo
 def test_a_killed_pipeline_resumes_where_it_stopped_and_runs_no_step_twice(store):
     from mlray.pipeline.record import PipelineRecord
     from mlray.pipeline.runner import run
-    from mlray.tracking import client
+    from mlray.registry.tracking import client
 
     cfg = load_pipeline(ROOT / "configs/pipeline.yaml")
     calls: list[str] = []
@@ -208,7 +208,7 @@ def test_a_refused_gate_ends_the_pipeline_and_skips_the_rest(store):
 
 def test_a_run_killed_after_the_gate_refused_still_ends_there(store):
     from mlray.pipeline.runner import run
-    from mlray.tracking import client
+    from mlray.registry.tracking import client
 
     calls: list[str] = []
     fns = _fake_steps(calls, gate_passes=False)
@@ -249,7 +249,7 @@ def test_a_failed_step_is_retried_by_the_same_id(store):
 
 def test_challenger_weight_round_trips_through_the_registry(store):
     from mlray.registry import challenger_weight, register, set_challenger_weight
-    from mlray.tracking import client, experiment_id
+    from mlray.registry.tracking import client, experiment_id
 
     run = client().create_run(experiment_id("w"))
     register("w", model_uri=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags={})
@@ -350,7 +350,7 @@ def test_dry_run_json_lists_the_plan(cli):
 
 def test_lineage_prints_the_chain(cli):
     from mlray.registry import promote, register
-    from mlray.tracking import client, experiment_id
+    from mlray.registry.tracking import client, experiment_id
 
     mlflow_client = client()
     train_run = mlflow_client.create_run(experiment_id("lin"))

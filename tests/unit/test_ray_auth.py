@@ -210,7 +210,7 @@ def test_no_hook_outside_a_virtual_environment(monkeypatch: pytest.MonkeyPatch, 
 def test_the_quickstart_says_where_the_token_is(token_path: str | None) -> None:
     from types import SimpleNamespace
 
-    from mlray.console import quickstart_report
+    from mlray.cli.console import quickstart_report
 
     result = SimpleNamespace(
         train=SimpleNamespace(model_name="digits", test_accuracy=0.97, run_id="r1", version=1),

@@ -5,7 +5,7 @@ import pytest
 from mlray.config import GateConfig
 from mlray.errors import NotFound, PromotionRefused
 from mlray.registry import get_version, list_models, promote, register
-from mlray.tracking import client, experiment_id
+from mlray.registry.tracking import client, experiment_id
 
 
 @pytest.fixture()

@@ -12,12 +12,12 @@ import pytest
 
 from mlray.errors import ModelLoadError, NotFound
 from mlray.registry import get_version, promote, register, set_challenger_weight
+from mlray.registry.tracking import client, experiment_id
 from mlray.serving.config import ServeAppConfig
 from mlray.serving.loader import ServedModel
 from mlray.serving.metrics import ServingMetrics
 from mlray.serving.rollout import Follower, RegistryWatcher, resolve_targets
 from mlray.serving.traffic import BOUNDARIES_S
-from mlray.tracking import client, experiment_id
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""mlray's HAProxy wrapper (mlray.serve_env): what it rewrites in the config Ray writes, checked by the
+"""mlray's HAProxy wrapper (mlray.cluster.serve_env): what it rewrites in the config Ray writes, checked by the
 HAProxy binary that ships with Ray (`haproxy -c`)."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _check(wrapper: str, config: Path) -> str:
 
 
 def test_wrapper_binds_loopback_and_marks_prediction_routes_once(tmp_path):
-    from mlray.serve_env import haproxy_env
+    from mlray.cluster.serve_env import haproxy_env
 
     wrapper = haproxy_env(tmp_path / "run")["RAY_SERVE_HAPROXY_BINARY_PATH"]
     config = tmp_path / "haproxy.cfg"
@@ -63,7 +63,7 @@ def test_wrapper_binds_loopback_and_marks_prediction_routes_once(tmp_path):
 
 
 def test_cancel_on_disconnect_keeps_serves_watcher(tmp_path, monkeypatch):
-    from mlray.serve_env import haproxy_env
+    from mlray.cluster.serve_env import haproxy_env
 
     monkeypatch.setenv("MLRAY_SERVE_CANCEL_ON_DISCONNECT", "1")
     wrapper = haproxy_env(tmp_path / "run")["RAY_SERVE_HAPROXY_BINARY_PATH"]
@@ -91,7 +91,7 @@ def test_the_rule_names_every_prediction_route(path):
     ([], False),
 ])
 def test_only_the_metrics_agent_itself_is_matched(cmdline, agent):
-    from mlray.serve_env import is_metrics_agent
+    from mlray.cluster.serve_env import is_metrics_agent
 
     assert is_metrics_agent(cmdline) is agent
 
@@ -100,7 +100,7 @@ def test_only_the_metrics_agent_itself_is_matched(cmdline, agent):
                                  {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "1"}])
 def test_access_log_is_kept_where_something_reads_it(tmp_path, monkeypatch, env):
     """A log target set by hand has a listener; with HAProxy's metrics on, Serve reads that frontend's log."""
-    from mlray.serve_env import haproxy_env
+    from mlray.cluster.serve_env import haproxy_env
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -137,7 +137,7 @@ def test_haproxy_sends_no_request_log_lines_unless_a_target_is_set(tmp_path, mon
     counted at a UDP socket standing in for syslog."""
     import requests
 
-    from mlray.serve_env import haproxy_env
+    from mlray.cluster.serve_env import haproxy_env
 
     syslog = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     syslog.bind(("127.0.0.1", 0))

@@ -11,9 +11,9 @@ import torch
 from mlray.artifact import load_model_dir, pyfunc_output, write_model_dir
 from mlray.config import parse_config
 from mlray.errors import ConfigError, InvalidInput
-from mlray.loop import LoopConfig, evaluate, new_training_state, train_epoch
 from mlray.models import ModelSpec
 from mlray.serving import oip, outputs, scoring
+from mlray.training.loop import LoopConfig, evaluate, new_training_state, train_epoch
 
 FILE = {"source": "table.csv", "label_column": "y"}
 

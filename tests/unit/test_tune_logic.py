@@ -10,9 +10,9 @@ import pytest
 from mlray.config import TuneSettings, parse_config
 from mlray.errors import TrainingFailed
 from mlray.registry import get_version, register
-from mlray.tracking import client, experiment_id
-from mlray.train import MODEL_URI_TAG
-from mlray.tune import SWEEP_TAG, TRIAL_TAG, _register_best, search_space
+from mlray.registry.tracking import client, experiment_id
+from mlray.training.train import MODEL_URI_TAG
+from mlray.training.tune import SWEEP_TAG, TRIAL_TAG, _register_best, search_space
 
 
 def test_search_space_becomes_tune_samplers():

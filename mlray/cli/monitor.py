@@ -1,4 +1,4 @@
-"""``mlray monitor up|down``: Prometheus for the local cluster (see :mod:`mlray.monitoring`)."""
+"""``mlray monitor up|down``: Prometheus for the local cluster (see :mod:`mlray.cluster.monitoring`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from mlray import console
+from mlray.cli import console
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 AddressOpt = Annotated[str | None, typer.Option(
@@ -25,8 +25,8 @@ def monitor_up(
     as_json: JsonOpt = False,
 ) -> None:
     """Start Prometheus scraping the Ray cluster's metrics, with mlray's alert rules."""
-    from mlray import monitoring
-    from mlray.cli import _connect, _setup_logging
+    from mlray.cli.commands import _connect, _setup_logging
+    from mlray.cluster import monitoring
 
     _setup_logging(False)
     thresholds = monitoring.AlertThresholds(error_ratio=error_ratio, p99_seconds=p99, min_replicas=min_replicas)
@@ -52,7 +52,7 @@ Stop it:         mlray monitor down""")
 @monitor.command("down")
 def monitor_down(as_json: JsonOpt = False) -> None:
     """Stop the Prometheus that `mlray monitor up` started."""
-    from mlray import monitoring
+    from mlray.cluster import monitoring
 
     stopped = monitoring.down()
     if as_json:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from mlray import console
+from mlray.cli import console
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 
@@ -21,7 +21,7 @@ def compress(
     as_json: JsonOpt = False,
 ) -> None:
     """Make a compressed variant of a version, measure it against its parent, register it within tolerance."""
-    from mlray.cli import _model, _setup_logging, _version_of
+    from mlray.cli.commands import _model, _setup_logging, _version_of
     from mlray.compress import compress as do_compress
 
     _setup_logging(False)

@@ -14,10 +14,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mlray import cluster, settings, tracking
+from mlray import cluster, settings
 from mlray._ray.placement_groups import orphaned_placement_groups, restored_run_config
 from mlray.config import JobConfig, TuneSettings, parse_config
 from mlray.errors import ConfigError, TrainingFailed
+from mlray.registry import tracking
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], parent_run_id: str, 
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mlray.training_run import MODEL_URI_TAG, TrainingRun, runs_named
+    from mlray.training.run import MODEL_URI_TAG, TrainingRun, runs_named
 
     trial_id = tune.get_context().get_trial_id()
     run_name = f"{sweep_name}-{trial_id}"
@@ -198,7 +199,7 @@ def sweep(cfg: JobConfig, *, address: str | None = None) -> SweepResult:
 
 def _register_best(cfg: JobConfig, grid: Any, sweep_name: str, parent: str, experiment_id: str,
                    register: Any) -> SweepResult:
-    from mlray.train import MODEL_URI_TAG
+    from mlray.training.train import MODEL_URI_TAG
 
     assert cfg.tune is not None
     metric = cfg.tune.metric

@@ -16,10 +16,10 @@ from typing import Annotated, Any
 
 import typer
 
-from mlray import console
-from mlray.cli_compress import compress
-from mlray.cli_monitor import monitor
-from mlray.cli_pipeline import lineage, pipeline
+from mlray.cli import console
+from mlray.cli.compress import compress
+from mlray.cli.monitor import monitor
+from mlray.cli.pipeline import lineage, pipeline
 from mlray.errors import ConfigError, MlrayError
 
 app = typer.Typer(no_args_is_help=True, help="Train on Ray, track in MLflow, serve on Ray Serve.",
@@ -94,7 +94,7 @@ def train(
 ) -> None:
     """Train data-parallel on Ray, record the run in MLflow, register a new model version."""
     from mlray import cluster
-    from mlray.train import train as run_training
+    from mlray.training.train import train as run_training
 
     _setup_logging(verbose)
     cfg = _job_config(config, {"train.epochs": epochs, "train.num_workers": workers, "name": name,
@@ -123,7 +123,7 @@ def tune(
 ) -> None:
     """Sweep hyperparameters on Ray Tune (each trial a distributed training); register the best model."""
     from mlray import cluster
-    from mlray.tune import sweep
+    from mlray.training.tune import sweep
 
     _setup_logging(verbose)
     cfg = _job_config(config, {"tune.sweep_name": sweep_name, "train.epochs": epochs,
@@ -351,7 +351,7 @@ def quickstart(
     as_json: JsonOpt = False,
 ) -> None:
     """Train, register, promote and serve the digits classifier on a local cluster, then query it."""
-    from mlray.quickstart import quickstart as run
+    from mlray.cluster.quickstart import quickstart as run
 
     _setup_logging(False)
     cfg = _job_config(config, {"train.epochs": epochs})
@@ -372,8 +372,8 @@ def quickstart(
 @app.command()
 def down(as_json: JsonOpt = False) -> None:
     """Stop what the quickstart / `mlray serve` started: the Serve apps and the local Ray head."""
-    from mlray import monitoring
-    from mlray.quickstart import down as do_down
+    from mlray.cluster import monitoring
+    from mlray.cluster.quickstart import down as do_down
 
     _setup_logging(False)
     prometheus = monitoring.down()
@@ -417,6 +417,3 @@ app.command()(compress)
 def main() -> None:
     sys.exit(run())
 
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,8 @@
 """The model registry: versions, aliases, and the promotion gate.
 
 Training registers versions here; serving resolves ``NAME@ALIAS`` here. They never import each other.
+The package is mlray's MLflow side: this module is the registry, :mod:`mlray.registry.tracking` the runs
+(creation, per-epoch metrics, the logged model, lineage tags).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from mlray.config import GateConfig
 from mlray.errors import ConfigError, MlrayError, NotFound, PromotionRefused
-from mlray.tracking import client
+from mlray.registry.tracking import client
 
 logger = logging.getLogger(__name__)
 

@@ -330,8 +330,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    from mlray.monitoring import EpochGauges
-    from mlray.tracking import EpochLogger
+    from mlray.cluster.monitoring import EpochGauges
+    from mlray.registry.tracking import EpochLogger
 
     cfg = LoopConfig(**config)
     if cfg.code_root and cfg.code_root not in sys.path and Path(cfg.code_root).is_dir():

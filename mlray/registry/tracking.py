@@ -27,6 +27,9 @@ EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr
 REGRESSION_EPOCH_METRICS = ("train_loss", "train_rmse", "val_loss", "val_rmse", "val_mae", "val_r2", "lr",
                             "epoch_seconds", "samples_per_second")
 _LOGGED = tuple(dict.fromkeys(EPOCH_METRICS + REGRESSION_EPOCH_METRICS))
+# The pyfunc's source, logged with every model ("models from code"). It stays at mlray/pyfunc_entry.py: MLflow
+# copies the file into the model, and the copy imports mlray.artifact when the model is loaded.
+PYFUNC_ENTRY = Path(__file__).resolve().parents[1] / "pyfunc_entry.py"
 ATTEMPTS_TAG = "mlray.attempts"  # JSON list: the first epoch of each training attempt
 
 
@@ -242,7 +245,7 @@ def log_model(run_id: str, model_dir: Path, *, feature_names: list[str], example
     frame = pd.DataFrame(np.asarray(example, dtype=np.float64), columns=feature_names)
     loaded = load_model_dir(model_dir, device="cpu")
     outputs = pyfunc_output(loaded, loaded.predict(frame.to_numpy()))
-    # Explicit requirements: inferring them took ~8 s per model here, and would list the whole venv.
+    # Explicit requirements: inferring them is slow and would list the whole venv (bench/README.md).
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "safetensors", f"mlflow=={mlflow.__version__}",
                     "numpy", "pandas", *(extra_requirements or [])]
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
@@ -250,7 +253,7 @@ def log_model(run_id: str, model_dir: Path, *, feature_names: list[str], example
         warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+            python_model=str(PYFUNC_ENTRY),
             artifacts={ARTIFACT_KEY: str(model_dir)},
             signature=infer_signature(frame, outputs),
             input_example=frame.head(2),

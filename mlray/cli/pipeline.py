@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mlray import console
+from mlray.cli import console
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 AddressOpt = Annotated[str | None, typer.Option(
@@ -27,7 +27,7 @@ def pipeline_run(
     as_json: JsonOpt = False,
 ) -> None:
     """Train, evaluate, gate, register, (compress), deploy as challenger, watch the canary, promote or roll back."""
-    from mlray.cli import _connect, _setup_logging
+    from mlray.cli.commands import _connect, _setup_logging
     from mlray.pipeline import load_pipeline, plan, run
     from mlray.pipeline.runner import new_id
 
@@ -60,7 +60,7 @@ def lineage(
     as_json: JsonOpt = False,
 ) -> None:
     """Where a model version came from: training run, data fingerprint, git commit, pipeline run."""
-    from mlray.cli import _model, _setup_logging
+    from mlray.cli.commands import _model, _setup_logging
     from mlray.pipeline.lineage import lineage as chain_of
     from mlray.pipeline.lineage import render
 

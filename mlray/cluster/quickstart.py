@@ -18,10 +18,10 @@ import numpy as np
 from mlray import cluster, settings
 from mlray.client import predict
 from mlray.config import JobConfig
-from mlray.data import sample_test_rows
 from mlray.registry import PromotionResult, promote
 from mlray.serving.deploy import deploy, load_plan
-from mlray.train import TrainResult, train
+from mlray.training.data import sample_test_rows
+from mlray.training.train import TrainResult, train
 
 logger = logging.getLogger(__name__)
 

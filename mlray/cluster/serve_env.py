@@ -37,7 +37,7 @@ def serve_head_env(home: Path, *, verify: bool = True) -> dict[str, str]:
 
 
 def main() -> None:
-    """``eval "$(python -m mlray.serve_env)"`` before ``ray start`` on a node of a cluster that ``ray up``
+    """``eval "$(python -m mlray.cluster.serve_env)"`` before ``ray start`` on a node of a cluster that ``ray up``
     launches (cluster.yaml): the same Serve settings as a head mlray starts itself."""
     import shlex
 

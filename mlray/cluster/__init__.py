@@ -4,6 +4,10 @@ Every Ray process mlray starts gets :func:`mlray.settings.ray_process_env`, so t
 store and the Train settings are the same in the driver, the workers and the Serve replicas. Unless the caller
 chose otherwise, that is token auth with mlray's own token (mlray/_ray/auth.py): a head or a throwaway local
 cluster mlray starts refuses every caller without it.
+
+The package holds what runs the cluster around the library: this module connects; ``quickstart`` starts a
+head and goes from nothing to a served model; ``serve_env`` is the Serve settings of a head mlray starts;
+``listeners`` audits what a node exposes; ``monitoring`` runs Prometheus for it.
 """
 
 from __future__ import annotations
@@ -141,7 +145,7 @@ def start_head(*, num_cpus: int | None = None, dashboard_port: int = DASHBOARD_P
            "--disable-usage-stats"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
-    from mlray.serve_env import serve_head_env
+    from mlray.cluster.serve_env import serve_head_env
 
     env = {**os.environ, **ray_env(), **serve_head_env(settings.home())}
     # Job entrypoints (`ray job submit -- python ...`) run with the head's PATH: put this interpreter's

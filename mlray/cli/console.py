@@ -1,6 +1,6 @@
 """What the ``mlray`` command shows a person: one-line errors, JSON output, progress on a terminal.
 
-Kept apart from :mod:`mlray.cli` so the commands stay thin: they call library functions and hand the
+Kept apart from :mod:`mlray.cli.commands` so the commands stay thin: they call library functions and hand the
 results here to be printed.
 """
 

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlray import settings, tracking
+from mlray import settings
 from mlray.config import JobConfig
-from mlray.data import prepare
 from mlray.errors import ConfigError, TrainingFailed
-from mlray.loop import LoopConfig, load_state, train_loop_per_worker
 from mlray.models import ModelSpec, build, check_model, factory_code
+from mlray.registry import tracking
+from mlray.training.data import prepare
+from mlray.training.loop import LoopConfig, load_state, train_loop_per_worker
 
 RUN_NAME_TAG = "mlray.train_run_name"  # Ray Train's run name: its checkpoints live under it
 MODEL_URI_TAG = "mlray.model_uri"

@@ -3,7 +3,7 @@
 Run it on a node to audit what the node exposes; it exits 1 if something is exposed that mlray's cluster
 design does not expect:
 
-    ray exec cluster.yaml '~/mlray-env/bin/python -m mlray.listeners'
+    ray exec cluster.yaml '~/mlray-env/bin/python -m mlray.cluster.listeners'
 
 tests/cluster runs it on a launched local cluster. Roles come from the owning process's command line (or a
 parent's: uvicorn's workers share their parent's socket). Reach is judged from the bound address: a
@@ -159,7 +159,7 @@ def findings(found: list[Listener]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlray.listeners", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mlray.cluster.listeners", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="one JSON object per listener, then the findings")
     args = parser.parse_args(argv)
     found = listeners()

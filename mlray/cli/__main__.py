@@ -1,0 +1,3 @@
+from mlray.cli import main
+
+main()
