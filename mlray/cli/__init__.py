@@ -2,6 +2,7 @@
 
 - ``commands``: the top-level commands (train, tune, promote, serve, predict, ...), thin over library functions
 - ``compress``, ``monitor``, ``pipeline``: the ``compress`` command and the ``monitor`` / ``pipeline`` groups
+- ``options``: the options several commands share
 - ``console``: what a person sees: one-line errors, ``--json`` output, progress on a terminal
 """
 

@@ -19,21 +19,12 @@ import typer
 from mlray.cli import console
 from mlray.cli.compress import compress
 from mlray.cli.monitor import monitor
+from mlray.cli.options import AddressOpt, AppOpt, ConfigOpt, JsonOpt, RayAddressOpt
 from mlray.cli.pipeline import lineage, pipeline
 from mlray.errors import ConfigError, MlrayError
 
 app = typer.Typer(no_args_is_help=True, help="Train on Ray, track in MLflow, serve on Ray Serve.",
                   pretty_exceptions_enable=False)
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML job config (configs/*.yaml)")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
-RayAddressOpt = Annotated[str | None, typer.Option(
-    "--address", help="Ray cluster: the dashboard URL (http://HOST:8265) or the GCS address (HOST:6379); "
-                      "default: $RAY_ADDRESS, a running cluster or a new local one")]
-AppOpt = Annotated[str | None, typer.Option("--app", help="Serve application name (default: the model name)")]
-AddressOpt = Annotated[str | None, typer.Option(
-    "--address", help="Ray cluster: the dashboard URL or the GCS address (default: the local head mlray started)")]
-
 
 def _version(value: bool) -> None:
     if value:

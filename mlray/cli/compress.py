@@ -7,8 +7,7 @@ from typing import Annotated
 import typer
 
 from mlray.cli import console
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+from mlray.cli.options import JsonOpt
 
 
 def compress(

@@ -7,10 +7,7 @@ from typing import Annotated
 import typer
 
 from mlray.cli import console
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
-AddressOpt = Annotated[str | None, typer.Option(
-    "--address", help="Ray cluster: the dashboard URL or the GCS address (default: the local head mlray started)")]
+from mlray.cli.options import AddressOpt, JsonOpt
 
 monitor = typer.Typer(help="Prometheus for the local cluster: Ray's scrape targets and mlray's alert rules.")
 

@@ -8,10 +8,7 @@ from typing import Annotated
 import typer
 
 from mlray.cli import console
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
-AddressOpt = Annotated[str | None, typer.Option(
-    "--address", help="Ray cluster: the dashboard URL or the GCS address (default: the local head mlray started)")]
+from mlray.cli.options import AddressOpt, JsonOpt
 
 pipeline = typer.Typer(help="The gated pipeline: train, gate, canary, promote or roll back.")
 
