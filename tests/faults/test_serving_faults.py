@@ -127,7 +127,7 @@ def _traffic_continues(load: SteadyLoad, what: str) -> None:
 # (RAY_SERVE_HAPROXY_RETRY_ON adds empty-response to Ray's conn-failure) because it holds the whole request
 # (`option http-buffer-request`, mlray/_ray/haproxy.py; else a body sent after the headers, as http.client
 # does, leaves nothing to replay and HAProxy closes the client's connection unanswered) and has retries to
-# spare once the dead replica is marked down (RAY_SERVE_HAPROXY_RETRIES=5); a replica sends each answer's
+# spare once the dead replica is marked down (RAY_SERVE_HAPROXY_RETRIES=10); a replica sends each answer's
 # head and body in one write (mlray/serving/onewrite.py; else a kill between them truncates an answer the
 # client already started reading). Each change of replicas makes Serve reload HAProxy; the old process keeps
 # its idle keep-alive connections and answers their next request with `Connection: close`
