@@ -11,7 +11,8 @@ rendered file, then runs the real binary:
   for the client hanging up (bench/README.md). ``MLRAY_SERVE_CANCEL_ON_DISCONNECT=1`` keeps Serve's watcher.
 - ``no-access-log``: no per-request log line from the HTTP frontend (Ray sends it to UDP 127.0.0.1:514, where
   hosts rarely listen). Kept when ``RAY_SERVE_HAPROXY_LOG_TARGET`` is set or HAProxy's metrics are on.
-- ``buffer-request``: ``option http-buffer-request`` in ``defaults``: HAProxy waits for a request's whole body
+- ``buffer-request``: ``option http-buffer-request`` in the HTTP frontend (not ``defaults``: a gRPC stream
+  must not wait for its end): HAProxy waits for a request's whole body (up to ``tune.bufsize``, 16 KiB)
   before picking a replica. Without it, a body arriving in a later packet than the headers (``http.client``
   sends them in two writes) is forwarded as it comes, HAProxy keeps no copy to replay, and a replica dying
   before it answers is not retried (``retry-on empty-response``): HAProxy closes the client's keep-alive
@@ -63,14 +64,13 @@ if [ -n "$cfg" ] && [ -f "$cfg" ]; then
   for port in "$stats" "$metrics"; do
     grep -Eq "^[[:space:]]*bind[[:space:]]+127\\.0\\.0\\.1:$port([[:space:]]|\$)" "$cfg" || warn loopback-binds
   done
-{defaults_rules}{frontend_rules}fi
+{frontend_rules}fi
 exec {real} "$@"
 """
 
 BUFFER_REQUEST_MARK = "# mlray: replayable requests (mlray/_ray/haproxy.py)"
-BUFFER_REQUEST = r"""  grep -q '^defaults$' "$cfg" || warn buffer-request
-  mark='{mark}'
-  grep -qF "$mark" "$cfg" || sed -i "/^defaults\$/a\\    option http-buffer-request  $mark" "$cfg"
+BUFFER_REQUEST = r"""  mark='{mark}'
+  grep -qF "$mark" "$cfg" || sed -i "/^frontend http_frontend\$/a\\    option http-buffer-request  $mark" "$cfg"
 """.replace("{mark}", BUFFER_REQUEST_MARK)
 
 FRONTEND_CHECK = """  grep -q '^frontend http_frontend$' "$cfg" || warn frontend-rules
@@ -112,12 +112,8 @@ def _seconds(text: str, setting: str) -> float | None:
     return int(found[1]) * {"ms": 0.001, "s": 1, None: 0.001, "m": 60, "h": 3600}[found[2]]
 
 
-def _defaults(text: str) -> str:
-    return text.split("\ndefaults\n", 1)[1].split("\nfrontend ", 1)[0] if "\ndefaults\n" in text else ""
-
-
 def _buffers_requests(text: str, *_: int) -> bool:
-    return re.search(r"^\s*option\s+http-buffer-request\b", _defaults(text), re.M) is not None
+    return re.search(r"^\s*option\s+http-buffer-request\b", _frontend(text), re.M) is not None
 
 
 def _keeps_idle_on_reload(text: str, *_: int) -> bool:
@@ -164,13 +160,13 @@ def bundled_binary() -> str:
 
 
 def write_wrapper(path: Path) -> Path:
-    rules = {"prediction-header": NO_DISCONNECT_WATCH, "no-access-log": NO_ACCESS_LOG}
+    rules = {"prediction-header": NO_DISCONNECT_WATCH, "no-access-log": NO_ACCESS_LOG,
+             "buffer-request": BUFFER_REQUEST}
     frontend = "".join(rules.get(rule.name, "") for rule in active_rules())
     if frontend:
         frontend = FRONTEND_CHECK + frontend
-    defaults = BUFFER_REQUEST if RULES["buffer-request"] in active_rules() else ""
     path.write_text(WRAPPER.format(written_for=WRITTEN_FOR, stats=DEFAULT_STATS_PORT, metrics=DEFAULT_METRICS_PORT,
-                                   defaults_rules=defaults, frontend_rules=frontend, real=bundled_binary()))
+                                   frontend_rules=frontend, real=bundled_binary()))
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
 
