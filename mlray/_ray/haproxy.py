@@ -11,6 +11,13 @@ rendered file, then runs the real binary:
   for the client hanging up (bench/README.md). ``MLRAY_SERVE_CANCEL_ON_DISCONNECT=1`` keeps Serve's watcher.
 - ``no-access-log``: no per-request log line from the HTTP frontend (Ray sends it to UDP 127.0.0.1:514, where
   hosts rarely listen). Kept when ``RAY_SERVE_HAPROXY_LOG_TARGET`` is set or HAProxy's metrics are on.
+- ``buffer-request``: ``option http-buffer-request`` in the HTTP frontend (not ``defaults``: a gRPC stream
+  must not wait for its end): HAProxy waits for a request's whole body (up to ``tune.bufsize``, 16 KiB)
+  before picking a replica. Without it, a body arriving in a later packet than the headers (``http.client``
+  sends them in two writes) is forwarded as it comes, HAProxy keeps no copy to replay, and a replica dying
+  before it answers is not retried (``retry-on empty-response``): HAProxy closes the client's keep-alive
+  connection without an answer and without a log line (``http.client`` reads a ``RemoteDisconnected``; seen
+  with HAProxy's access log on in tests/faults/test_serving_faults.py's SIGKILL and node-removal tests).
 - ``reload-keeps-idle`` (a check; nothing to rewrite in Ray 2.60): Serve reloads HAProxy on every change of
   replicas, and the old process must not close its idle keep-alive connections, or a client sending on one
   at that instant loses its request. It keeps them and answers their next request with ``Connection:
@@ -61,6 +68,11 @@ if [ -n "$cfg" ] && [ -f "$cfg" ]; then
 exec {real} "$@"
 """
 
+BUFFER_REQUEST_MARK = "# mlray: replayable requests (mlray/_ray/haproxy.py)"
+BUFFER_REQUEST = r"""  mark='{mark}'
+  grep -qF "$mark" "$cfg" || sed -i "/^frontend http_frontend\$/a\\    option http-buffer-request  $mark" "$cfg"
+""".replace("{mark}", BUFFER_REQUEST_MARK)
+
 FRONTEND_CHECK = """  grep -q '^frontend http_frontend$' "$cfg" || warn frontend-rules
 """
 PREDICTION_RULE = ("http-request set-header x-request-disconnect-disabled ?1 "
@@ -100,6 +112,10 @@ def _seconds(text: str, setting: str) -> float | None:
     return int(found[1]) * {"ms": 0.001, "s": 1, None: 0.001, "m": 60, "h": 3600}[found[2]]
 
 
+def _buffers_requests(text: str, *_: int) -> bool:
+    return re.search(r"^\s*option\s+http-buffer-request\b", _frontend(text), re.M) is not None
+
+
 def _keeps_idle_on_reload(text: str, *_: int) -> bool:
     hard_stop, keep_alive = _seconds(text, "hard-stop-after"), _seconds(text, "timeout http-keep-alive")
     return (re.search(r"^\s*option\s+idle-close-on-response\s*$", text, re.M) is not None
@@ -110,6 +126,7 @@ def _keeps_idle_on_reload(text: str, *_: int) -> bool:
 RULES = {
     "loopback-binds": Rule("loopback-binds", _binds_loopback),
     "reload-keeps-idle": Rule("reload-keeps-idle", _keeps_idle_on_reload),
+    "buffer-request": Rule("buffer-request", _buffers_requests),
     "prediction-header": Rule("prediction-header", lambda text, *_: PREDICTION_RULE in _frontend(text)),
     "no-access-log": Rule("no-access-log", lambda text, *_: NO_ACCESS_LOG_MARK in _frontend(text)),
 }
@@ -126,7 +143,7 @@ def drops_access_log() -> bool:
 
 def active_rules() -> list[Rule]:
     """The rules the wrapper applies in this environment."""
-    rules = [RULES["loopback-binds"], RULES["reload-keeps-idle"]]
+    rules = [RULES["loopback-binds"], RULES["reload-keeps-idle"], RULES["buffer-request"]]
     if os.environ.get("MLRAY_SERVE_CANCEL_ON_DISCONNECT") != "1":
         rules.append(RULES["prediction-header"])
     if drops_access_log():
@@ -143,7 +160,8 @@ def bundled_binary() -> str:
 
 
 def write_wrapper(path: Path) -> Path:
-    rules = {"prediction-header": NO_DISCONNECT_WATCH, "no-access-log": NO_ACCESS_LOG}
+    rules = {"prediction-header": NO_DISCONNECT_WATCH, "no-access-log": NO_ACCESS_LOG,
+             "buffer-request": BUFFER_REQUEST}
     frontend = "".join(rules.get(rule.name, "") for rule in active_rules())
     if frontend:
         frontend = FRONTEND_CHECK + frontend

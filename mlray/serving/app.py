@@ -30,6 +30,7 @@ from mlray.serving.http import install_error_handlers, response, route_path
 from mlray.serving.loader import ServedModel
 from mlray.serving.metrics import ServingMetrics
 from mlray.serving.multi import Answers, LocalWatcher, ModelSet, Slot
+from mlray.serving.onewrite import write_answers_whole
 from mlray.serving.rollout import Follower, RegistryWatcher, resolve_targets
 
 logger = logging.getLogger(__name__)
@@ -183,6 +184,9 @@ class ModelServer:
         import torch
 
         torch.set_num_threads(1)  # replicas share the node's cores; one intra-op thread each
+        # head and body of each answer in one write: a replica killed mid-answer then sends nothing, which
+        # HAProxy replays elsewhere, instead of a head the client already got (onewrite.py)
+        logger.info("answers leave whole: %s", write_answers_whole())
         self.cfg = ServeAppConfig.model_validate(settings)
         auth = self.cfg.auth
         hashes = load_key_hashes(keys_env=auth.keys_env, keys_file=auth.keys_file) if auth.enabled else frozenset()

@@ -122,20 +122,18 @@ def _traffic_continues(load: SteadyLoad, what: str) -> None:
                              f"status {serve.status().applications['ha'].deployments['ModelServer']}") from err
 
 
-# What these rely on: a request running on a replica at the instant it dies gets no answer from it, and
-# HAProxy replays it on the other replica when it can (mlray's RAY_SERVE_HAPROXY_RETRY_ON adds empty-response
-# to Ray's conn-failure); one whose answer had started cannot be replayed (the SIGKILL test's known failure).
-# Each change of replicas makes Serve reload HAProxy; the old process keeps its idle keep-alive connections
-# and answers their next request with `Connection: close` (`option idle-close-on-response`, no
-# `close-spread-time`: mlray/_ray/haproxy.py).
+# What these rely on (each seen failing without it, in HAProxy's access log): a request running on a replica
+# at the instant it dies gets no answer from it, and HAProxy replays it on another replica
+# (RAY_SERVE_HAPROXY_RETRY_ON adds empty-response to Ray's conn-failure) because it holds the whole request
+# (`option http-buffer-request`, mlray/_ray/haproxy.py; else a body sent after the headers, as http.client
+# does, leaves nothing to replay and HAProxy closes the client's connection unanswered) and has retries to
+# spare once the dead replica is marked down (RAY_SERVE_HAPROXY_RETRIES=10); a replica sends each answer's
+# head and body in one write (mlray/serving/onewrite.py; else a kill between them truncates an answer the
+# client already started reading). Each change of replicas makes Serve reload HAProxy; the old process keeps
+# its idle keep-alive connections and answers their next request with `Connection: close`
+# (`option idle-close-on-response`, no `close-spread-time`: mlray/_ray/haproxy.py).
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known failure: with 8 http.client clients that never retry, 3 replica SIGKILLs lost requests in the "
-    "run made on 2026-11-30 (the first five: 3 RemoteDisconnected, 1 IncompleteRead, 1 HTTP 500): requests in "
-    "flight on the killed replica, some with their answer already started, which HAProxy cannot replay. The "
-    "earlier client (requests/urllib3, 2 threads, retrying 503s) saw at most one reset per disruption. A redeploy, "
-    "an autoscaling cycle and an alias rollout lose none with the same clients (the tests beside this one)."))
 def test_replica_sigkilled_three_times_under_load_loses_no_request(ha):
     with SteadyLoad(ha, row=ROW, threads=CLIENTS, max_seconds=600, max_requests=1_000_000) as load:
         wait_for(lambda: load.count() > 50, timeout=60, what="load running")
@@ -150,10 +148,6 @@ def test_replica_sigkilled_three_times_under_load_loses_no_request(ha):
     assert load.count() > 300
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known failure: with 8 http.client clients that never retry, removing the node of one replica lost a "
-    "request (RemoteDisconnected) in each of the two runs made on 2026-11-30: as with a replica SIGKILL, a "
-    "request in flight on the dying replica that HAProxy does not replay."))
 def test_node_removed_under_load_loses_no_request(ha, slot_nodes, ray_cluster):
     with SteadyLoad(ha, row=ROW, threads=CLIENTS, max_seconds=600, max_requests=1_000_000) as load:
         wait_for(lambda: load.count() > 50, timeout=60, what="load running")

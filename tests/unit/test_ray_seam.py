@@ -127,6 +127,25 @@ def test_a_config_that_would_close_idle_connections_on_reload_is_caught(tmp_path
     assert not RULES["reload-keeps-idle"].applied(text, 8404, 9101), change
 
 
+def test_requests_are_buffered_once_so_haproxy_can_replay_them(tmp_path, default_serve_env):
+    """``option http-buffer-request`` lands in the HTTP frontend once, even when HAProxy is started again on a
+    config the wrapper already rewrote; a config without it reads as missed."""
+    from mlray._ray.haproxy import RULES, render_ray_template, write_wrapper
+
+    config = render_ray_template(tmp_path, stats_port=8404, metrics_port=9101)
+    assert not RULES["buffer-request"].applied(config.read_text(), 8404, 9101)  # Ray's own config lacks it
+    wrapper = write_wrapper(tmp_path / "wrapper")
+    for _ in range(2):
+        done = subprocess.run([str(wrapper), "-c", "-f", str(config)], capture_output=True, text=True, timeout=60,
+                              env={"PATH": "/usr/bin:/bin"})
+        assert done.returncode == 0, done.stdout + done.stderr
+    text = config.read_text()
+    assert RULES["buffer-request"].applied(text, 8404, 9101)
+    assert text.count("option http-buffer-request") == 1
+    frontend = text.split("\nfrontend http_frontend\n", 1)[1].split("\nbackend ", 1)[0]
+    assert "option http-buffer-request" in frontend
+
+
 def render_ray_template_text(folder) -> str:
     from mlray._ray.haproxy import render_ray_template
 
