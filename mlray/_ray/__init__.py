@@ -10,6 +10,8 @@ the installed Ray differs or when the item finds nothing to act on:
 - :mod:`mlray._ray.auth`: token auth for the local head (mlray's token, mode 0600), the venv hook through
   which Ray's CLIs find it, and re-reading Ray's config in a process that imported Ray first.
 - :mod:`mlray._ray.agent`: lowering the priority of this node's Ray metrics agent (opt-in).
+- :mod:`mlray._ray.onewrite`: a replica's uvicorn (Serve's direct ingress) sends each answer's head and
+  body in one write, so a replica killed mid-answer sends nothing HAProxy cannot replay.
 - :mod:`mlray._ray.placement_groups`: finding placement groups whose creator died (Ray's GCS records), and
   a restored Tuner's run config.
 

@@ -20,6 +20,7 @@ from ray import serve
 from starlette.convertors import StringConvertor, register_url_convertor
 
 from mlray._ray.agent import lower_metrics_agent_priority
+from mlray._ray.onewrite import write_answers_whole
 from mlray.errors import ModelLoadError
 from mlray.serving import openapi, routes, selection
 from mlray.serving.auth import AuthMiddleware, KeyFileWatch, KeyGuard, load_key_hashes
@@ -30,7 +31,6 @@ from mlray.serving.http import install_error_handlers, response, route_path
 from mlray.serving.loader import ServedModel
 from mlray.serving.metrics import ServingMetrics
 from mlray.serving.multi import Answers, LocalWatcher, ModelSet, Slot
-from mlray.serving.onewrite import write_answers_whole
 from mlray.serving.rollout import Follower, RegistryWatcher, resolve_targets
 
 logger = logging.getLogger(__name__)

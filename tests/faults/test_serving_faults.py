@@ -128,7 +128,7 @@ def _traffic_continues(load: SteadyLoad, what: str) -> None:
 # (`option http-buffer-request`, mlray/_ray/haproxy.py; else a body sent after the headers, as http.client
 # does, leaves nothing to replay and HAProxy closes the client's connection unanswered) and has retries to
 # spare once the dead replica is marked down (RAY_SERVE_HAPROXY_RETRIES=10); a replica sends each answer's
-# head and body in one write (mlray/serving/onewrite.py; else a kill between them truncates an answer the
+# head and body in one write (mlray/_ray/onewrite.py; else a kill between them truncates an answer the
 # client already started reading). Each change of replicas makes Serve reload HAProxy; the old process keeps
 # its idle keep-alive connections and answers their next request with `Connection: close`
 # (`option idle-close-on-response`, no `close-spread-time`: mlray/_ray/haproxy.py).

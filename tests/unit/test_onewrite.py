@@ -1,4 +1,4 @@
-"""A replica's answers leave in one write (mlray/serving/onewrite.py), on a real uvicorn server on loopback."""
+"""A replica's answers leave in one write (mlray/_ray/onewrite.py), on a real uvicorn server on loopback."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class HeldBody:
 def server(request):
     import uvicorn
 
-    from mlray.serving.onewrite import write_answers_whole
+    from mlray._ray.onewrite import write_answers_whole
 
     assert write_answers_whole()  # uvicorn 0.54 has the attributes the patch relies on
     app, port = HeldBody(), free_port()
@@ -85,7 +85,7 @@ def test_the_head_waits_for_the_body_and_both_arrive_whole(server):
 def test_patching_twice_changes_nothing():
     from uvicorn.protocols.http.h11_impl import RequestResponseCycle
 
-    from mlray.serving.onewrite import write_answers_whole
+    from mlray._ray.onewrite import write_answers_whole
 
     write_answers_whole()
     send = RequestResponseCycle.send
