@@ -39,11 +39,10 @@ SERVE_ENV = {
     # connect (Ray's default). mlray's routes are predictions and reads, safe to replay; set
     # RAY_SERVE_HAPROXY_RETRY_ON=conn-failure when starting the head if it serves requests that must not run twice.
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
-    # 3 by default. A request whose HAProxy process knows only the replica that died (a process reloaded out
-    # before the replacement joined) retries on it until observe layer4 (error-limit 3) marks it down, then goes
-    # to the head's fallback proxy. With 3, one got a 503 (Serve's 500 body) 2 ms before the mark-down; with 5,
-    # one used all 5 (HAProxy's log: '+5', the mark-down 70 ms after the kill). 10 leaves margin; only a request
-    # that itself kills replicas is replayed more often for it.
+    # 3 by default. A request whose HAProxy process knows only the replica that died (one reloaded out before
+    # the replacement joined) retries on it until the replica is marked down, then reaches the head's fallback
+    # proxy; 3 and even 5 retries were seen to run out first (figures: bench/README.md, "Why mlray's settings
+    # are what they are"). Only a request that itself kills replicas is replayed more often for it.
     "RAY_SERVE_HAPROXY_RETRIES": "10",
 }
 
