@@ -37,7 +37,10 @@ def _side(code: str, env: dict[str, str], args: dict[str, Any], replicas: int) -
     """Runs in its own process, with ``code`` first on sys.path: start Ray, deploy, print the URL, wait."""
     sys.path.insert(0, code)
     from bench._serve.serve_trial import Variant, _merge, _plan_for, _start_ray, free_port, isolation_env
-    from mlray.cluster.serve_env import FAST_SERVE_ENV
+    try:
+        from mlray.cluster.serve_env import FAST_SERVE_ENV
+    except ImportError:  # a side's commit from before mlray/ was grouped by capability
+        from mlray.serve_env import FAST_SERVE_ENV  # type: ignore[no-redef]
 
     rundir = Path(tempfile.mkdtemp(prefix="mlrb-", dir="/tmp"))
     os.environ.update({**FAST_SERVE_ENV, **isolation_env(rundir), **env})

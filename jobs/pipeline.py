@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python jobs/pipeline.py --config configs/pipeline.yaml [--id ID]`
+"""`ray job submit --working-dir . -- python jobs/pipeline.py --config configs/pipeline.yaml [--id ID] [--set K=V]`
 
 Runs (or, with the id of an earlier run, resumes) the gated pipeline on the cluster the job runs on.
 """
@@ -10,6 +10,7 @@ import json
 import logging
 
 from mlray.pipeline import load_pipeline, plan, run
+from mlray.pipeline.config import parse_sets
 from mlray.pipeline.runner import new_id
 
 
@@ -18,9 +19,11 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="pipeline YAML")
     parser.add_argument("--id", dest="pipeline_id", help="the same id again resumes the pipeline")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    parser.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE",
+                        help="override a pipeline field (dotted; the value read as YAML), e.g. canary.hold_s=10")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_pipeline(args.config)
+    cfg = load_pipeline(args.config, overrides=parse_sets(args.sets))
     pipeline_id = args.pipeline_id or new_id()
     if args.dry_run:
         print(json.dumps({"pipeline_id": pipeline_id, "plan": plan(cfg, pipeline_id=pipeline_id)}))

@@ -19,6 +19,9 @@ def pipeline_run(
     pipeline_id: Annotated[str | None, typer.Option(
         "--id", help="the pipeline's id; the same id again resumes it from its last finished step")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and change nothing")] = False,
+    sets: Annotated[list[str] | None, typer.Option(
+        "--set", help="override a pipeline field, KEY=VALUE (dotted; the value read as YAML), e.g. canary.hold_s=10",
+    )] = None,
     address: AddressOpt = None,
     verbose: bool = False,
     as_json: JsonOpt = False,
@@ -26,10 +29,11 @@ def pipeline_run(
     """Train, evaluate, gate, register, (compress), deploy as challenger, watch the canary, promote or roll back."""
     from mlray.cli.commands import _connect, _setup_logging
     from mlray.pipeline import load_pipeline, plan, run
+    from mlray.pipeline.config import parse_sets
     from mlray.pipeline.runner import new_id
 
     _setup_logging(verbose)
-    cfg = load_pipeline(config)
+    cfg = load_pipeline(config, overrides=parse_sets(sets))
     pipeline_id = pipeline_id or new_id()
     if dry_run:
         steps = plan(cfg, pipeline_id=pipeline_id)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mlray.config import GateConfig, _format_error
+from mlray.config import GateConfig, _format_error, _set_dotted
 from mlray.errors import ConfigError
 
 
@@ -85,7 +85,23 @@ def parse_pipeline(raw: dict[str, Any], *, origin: str = "(dict)", base: Path | 
     return cfg
 
 
-def load_pipeline(path: str | Path) -> PipelineConfig:
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """``--set KEY=VALUE`` arguments -> dotted overrides of the pipeline config; each value is read as YAML
+    (``canary.hold_s=10``, ``canary.weights=[0.1,0.5]``, ``compress.enabled=true``)."""
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted pipeline field, e.g. canary.hold_s=10")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {err}") from None
+    return overrides
+
+
+def load_pipeline(path: str | Path, *, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML; ``overrides`` maps dotted fields (``canary.hold_s``) to values, as ``--set`` does."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"pipeline config {str(file)!r} does not exist")
@@ -95,4 +111,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         raise ConfigError(f"pipeline config {str(file)!r} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"pipeline config {str(file)!r} must hold a mapping, got {type(raw).__name__}")
-    return parse_pipeline(raw, origin=f"in {file}", base=file.parent)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    origin = f"in {file}" + (f" with --set {', '.join(overrides)}" if overrides else "")
+    return parse_pipeline(raw, origin=origin, base=file.parent)

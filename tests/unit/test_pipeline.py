@@ -348,6 +348,24 @@ def test_dry_run_json_lists_the_plan(cli):
     assert got["pipeline_id"] == "d" and [s["step"] for s in got["plan"]][:3] == ["train", "evaluate", "gate"]
 
 
+def test_set_overrides_pipeline_fields_from_the_command_line_and_the_job(cli):
+    import subprocess
+    import sys
+
+    shipped = str(ROOT / "configs/pipeline.yaml")
+    code, out, _ = cli("pipeline", "run", "--config", shipped, "--dry-run", "--id", "s",
+                       "--set", "canary.hold_s=10", "--set", "canary.weights=[0.1, 0.5]")
+    assert code == 0 and "weights 0.1, 0.5, each held >= 10 s" in out, out
+    code, _, err = cli("pipeline", "run", "--config", shipped, "--dry-run", "--set", "canary.hold_s=-1")
+    assert code == 1 and "canary.hold_s" in err and "with --set canary.hold_s" in err, err
+    code, _, err = cli("pipeline", "run", "--config", shipped, "--dry-run", "--set", "canary.hold_s")
+    assert code == 1 and "expected KEY=VALUE" in err, err
+    job = subprocess.run([sys.executable, str(ROOT / "jobs/pipeline.py"), "--config", shipped, "--dry-run",
+                          "--set", "canary.hold_s=10"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert job.returncode == 0, job.stderr[-2000:]
+    assert "each held >= 10 s" in json.dumps(json.loads(job.stdout.strip().splitlines()[-1])["plan"])
+
+
 def test_lineage_prints_the_chain(cli):
     from mlray.registry import promote, register
     from mlray.registry.tracking import client, experiment_id
