@@ -40,15 +40,16 @@ _PICKLE_FORMATS = ("pickle", "cloudpickle")
 def _torch_pickle(conf: dict[str, Any], folder: Path | None) -> str | None:
     """MLflow's pytorch flavour writes the same MLmodel for a pickled module (``model.pth``) and for a
     ``torch.export`` program (``model.pt2``, which MLflow checks is pickle-free when it loads it): the files
-    tell them apart. Without the files, or with anything besides the .pt2, it counts as a pickle."""
+    tell them apart. Without the files, without a .pt2, or with a .pth/.pt/.pkl beside it, it counts as a pickle."""
     if conf.get("serialization_format") == "pt2":
         return None
     data = folder / str(conf.get("model_data", "data")) if folder is not None else None
     files = {path.name for path in data.iterdir()} if data is not None and data.is_dir() else set()
-    if "model.pt2" in files and not any(name.endswith((".pth", ".pt", ".pkl")) for name in files):
+    pickles = sorted(name for name in files if name.endswith((".pth", ".pt", ".pkl")))
+    if "model.pt2" in files and not pickles:
         return None
-    found = sorted(name for name in files if name.endswith((".pth", ".pt", ".pkl"))) or ["its model file"]
-    return f"its pytorch flavour is a pickled module ({', '.join(found)}; serialization_format pickle)"
+    named = ", ".join(pickles) or "its model file"
+    return f"its pytorch flavour is a pickled module ({named}; serialization_format pickle)"
 
 
 def pickle_reason(flavors: dict[str, dict[str, Any]], folder: Path | None = None) -> str | None:
