@@ -114,7 +114,7 @@ def test_a_trial_restarted_after_it_finished_reports_its_recorded_run(ray_cluste
 
 def test_sweep_interrupted_then_resumed(ray_cluster):
     command = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", "configs/digits-tune.yaml",
-               "--sweep-name", SWEEP, "--epochs", "2"]
+               "--sweep-name", SWEEP, "--epochs", "1"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
     log = open(os.environ.get("MLRAY_TEST_TUNE_LOG", os.devnull), "w")  # noqa: SIM115 - closed below
     first = subprocess.Popen(command + ["--num-samples", str(TRIALS)], env=env, cwd=ROOT, stdout=log, stderr=log)
@@ -144,7 +144,7 @@ def test_sweep_interrupted_then_resumed(ray_cluster):
     for trial, run_id in done_before.items():
         assert by_trial[trial][0].info.run_id == run_id  # finished trials were not re-run
         history = client().get_metric_history(run_id, "train_loss")
-        assert sorted(m.step for m in history) == [0, 1]
+        assert [m.step for m in history] == [0]
     # A trial ASHA stops ends KILLED when its actor is killed before its run is closed. Once in CI (stop 8) one
     # ended FAILED instead, with the sweep otherwise correct: a stop that reaches the trial's code as an
     # exception is recorded as a failure. Not yet told apart; the finished trials and the result are checked below.

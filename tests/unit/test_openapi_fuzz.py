@@ -24,8 +24,8 @@ expected-statuses = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429]
 """
 
 
-def run_schemathesis(url: str, tmp_path: Path, *, key: str, max_examples: int, max_time_s: int
-                     ) -> subprocess.CompletedProcess:
+def run_schemathesis(url: str, tmp_path: Path, *, key: str, max_examples: int, max_time_s: int,
+                     phases: str = "examples,coverage,fuzzing,stateful") -> subprocess.CompletedProcess:
     """``schemathesis run --checks all`` over ``url`` with the API key; bounded in examples and time."""
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
@@ -33,7 +33,7 @@ def run_schemathesis(url: str, tmp_path: Path, *, key: str, max_examples: int, m
     return subprocess.run(
         [str(cli), "--config-file", str(config), "run", url, "--checks", "all", "-H", f"Authorization: Bearer {key}",
          "--max-examples", str(max_examples), "--max-time", str(max_time_s), "--seed", "1", "--workers", "1",
-         "--no-color", "--request-timeout", "30"],
+         "--no-color", "--request-timeout", "30", "--phases", phases],
         capture_output=True, text=True, timeout=max_time_s + 120, cwd=tmp_path,
         env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
 
