@@ -12,10 +12,11 @@ import os
 
 import pytest
 
-from mlray._ray.env import train_env  # noqa: E402 - no Ray import; the knobs are set in one place
+from mlray._ray.env import local_head_env, train_env  # noqa: E402 - no Ray import; the knobs are set in one place
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.update(train_env())
+os.environ.update(local_head_env())  # the test cluster is a cluster on this machine, as mlray's local heads
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)

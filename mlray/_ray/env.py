@@ -21,6 +21,14 @@ TRAIN_ENV = {
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
 }
 
+# Only on a cluster mlray starts on this machine (`ray start --head` for the quickstart / `mlray serve`, or the
+# throwaway in-process one), never on one `ray up` launches: Ray Train's preemption watcher is an actor per
+# worker group that polls for nodes being drained (spot reclaim), and a single machine has none to drain. Its
+# start is ~3.4 s of each training's ~22 s fixed cost on a 2-core machine (bench/README.md).
+LOCAL_HEAD_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
 # Ray Serve on a head mlray starts: HAProxy ingress and throughput mode (what they turn off: README,
 # "Serving speed"). MLRAY_SERVE_HA_PROXY=0 keeps Serve's defaults.
 SERVE_ENV = {
@@ -60,6 +68,11 @@ FALSY = ("0", "false", "no")
 def train_env() -> dict[str, str]:
     """:data:`TRAIN_ENV`, with the user's own values where set."""
     return {key: os.environ.get(key, value) for key, value in TRAIN_ENV.items()}
+
+
+def local_head_env() -> dict[str, str]:
+    """:data:`LOCAL_HEAD_ENV`, with the user's own values where set."""
+    return {key: os.environ.get(key, value) for key, value in LOCAL_HEAD_ENV.items()}
 
 
 def serve_env() -> dict[str, str]:

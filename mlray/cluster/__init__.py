@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 
 from mlray import settings
 from mlray._ray import auth
+from mlray._ray.env import local_head_env
 from mlray.errors import MlrayError
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_d
         logger.info("Connected to the running local Ray cluster")
     except ConnectionError:
         logger.info("No Ray cluster running: starting one for this process")
+        for key, value in local_head_env().items():
+            os.environ.setdefault(key, value)  # the processes ray.init starts inherit it
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
 
 
@@ -147,7 +150,7 @@ def start_head(*, num_cpus: int | None = None, dashboard_port: int = DASHBOARD_P
         cmd.append(f"--num-cpus={num_cpus}")
     from mlray.cluster.serve_env import serve_head_env
 
-    env = {**os.environ, **ray_env(), **serve_head_env(settings.home())}
+    env = {**os.environ, **ray_env(), **local_head_env(), **serve_head_env(settings.home())}
     # Job entrypoints (`ray job submit -- python ...`) run with the head's PATH: put this interpreter's
     # folder first, so `python` there is the one mlray is installed in, not whatever the caller's PATH had.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
