@@ -70,6 +70,7 @@ def test_status_per_model_and_rollout_of_one_moved_alias(fleet, trained, ray_clu
     assert text.returncode == 0, text.stderr
     assert f"ops-a@champion: registry says champion=v{first['ops-a']}" in text.stdout, text.stdout
     assert "ops-c@champion" in text.stdout and "held by 0 of 2 replicas" in text.stdout, text.stdout
+    print("$ mlray status ops", text.stdout, sep="\n")  # docs/any-model.md shows this (pytest -s)
 
     # ops-a's alias moves; the app does not poll within the test, so it keeps answering the old version ...
     moved = register_copy("ops-a", trained)
@@ -83,6 +84,7 @@ def test_status_per_model_and_rollout_of_one_moved_alias(fleet, trained, ray_clu
     held = [r for r in report["replicas"].values() if r["held"]]
     assert len(held) == 2 and all(r["versions"] == {"champion": moved} for r in held), report
     assert _version(url, "ops-a") == str(moved)
+    print("$ mlray status ops  # after the rollout", mlray_cli("status", "ops", address=address).stdout, sep="\n")
     after = status()
     assert after["models"]["ops-b"]["targets"] == {"champion": first["ops-b"]}
     assert all(r["versions"] == {"champion": first["ops-b"]}
@@ -93,3 +95,4 @@ def test_status_per_model_and_rollout_of_one_moved_alias(fleet, trained, ray_clu
     wrong = mlray_cli("rollout", "nosuch", "--app", "ops", address=address)
     assert wrong.returncode == 1, (wrong.stdout, wrong.stderr)
     assert "'nosuch'" in wrong.stderr and "ops-a" in wrong.stderr, wrong.stderr
+    print("$ mlray rollout nosuch --app ops", wrong.stderr, sep="\n")
