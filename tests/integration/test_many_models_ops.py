@@ -84,12 +84,18 @@ def test_status_per_model_and_rollout_of_one_moved_alias(fleet, trained, ray_clu
     held = [r for r in report["replicas"].values() if r["held"]]
     assert len(held) == 2 and all(r["versions"] == {"champion": moved} for r in held), report
     assert _version(url, "ops-a") == str(moved)
-    print("$ mlray status ops  # after the rollout", mlray_cli("status", "ops", address=address).stdout, sep="\n")
+    again = mlray_cli("rollout", "ops-a", "--app", "ops", address=address)  # settled already: returns at once
+    assert again.returncode == 0 and f"ops-a@champion: registry says champion=v{moved}; held by 2 of 2" in again.stdout
+    print("$ mlray rollout ops-a --app ops", again.stdout, sep="\n")
+    # a replica's status route answers the model's status from the app's watcher
+    route = requests.get(f"{url}/v1/models/ops-a/status", timeout=30).json()
+    assert route["model"] == "ops-a" and route["held_by"] == 2 and route["targets"] == {"champion": moved}, route
     after = status()
     assert after["models"]["ops-b"]["targets"] == {"champion": first["ops-b"]}
     assert all(r["versions"] == {"champion": first["ops-b"]}
                for r in after["models"]["ops-b"]["replicas"].values() if r["held"]), after["models"]["ops-b"]
     assert _version(url, "ops-b") == str(first["ops-b"])
+    print("$ mlray status ops  # after the rollout", mlray_cli("status", "ops", address=address).stdout, sep="\n")
 
     # a name the app does not serve: exit 1, naming it and the app's models
     wrong = mlray_cli("rollout", "nosuch", "--app", "ops", address=address)
