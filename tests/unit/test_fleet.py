@@ -136,3 +136,27 @@ def test_mlray_status_prints_each_model_with_its_holders_and_failures(capsys):
     assert lines[-1] == "  FAILED load on replica-two-: refused to load a pickle"
     print_status(state.model_status("iris", now=0.5))  # `mlray rollout iris --app APP`
     assert capsys.readouterr().out.splitlines()[0].startswith("iris@champion: registry says champion=v3; held by 2")
+
+
+def test_a_replica_reports_the_models_it_holds_with_their_versions_not_those_it_let_go():
+    from mlray.serving.multi import ModelSet, Slot
+    from tests.unit.test_many_models import Loader, _models
+
+    cfg = _models(["iris", "wine", "churn"], max_models_per_replica=2)
+    loader = Loader(cfg)
+    lru: dict[str, Slot] = {}  # Serve's multiplexing holds the slots; the ModelSet only weakly
+
+    async def open_slot(name: str) -> Slot:
+        lru[name] = await loader(name)
+        return lru[name]
+
+    async def scenario() -> dict:
+        models = ModelSet(cfg, open_slot=open_slot)
+        await models.start()  # pre-warms iris and wine (the bound)
+        wine = models.recent["wine"]
+        wine.task = asyncio.get_running_loop().create_task(asyncio.sleep(0))
+        await wine.task  # its follower stopped: Serve evicted it
+        return models.held_report()
+
+    held = asyncio.run(scenario())
+    assert list(held) == ["iris"] and held["iris"]["versions"] == {"champion": 3} and held["iris"]["failures"] == {}
