@@ -251,14 +251,14 @@ def _connect(address: str | None) -> None:
 @app.command()
 def rollout(name: Annotated[str, typer.Argument(help="NAME or models:/NAME@ALIAS")], app_name: AppOpt = None,
             address: AddressOpt = None, timeout: float = 120.0, as_json: JsonOpt = False) -> None:
-    """Make a running app follow the registry now: load, warm up and switch to what its aliases name."""
+    """Make a running app follow the registry now: load, warm up, switch to what the aliases name (NAME's only)."""
     from mlray.serving.deploy import rollout as do_rollout
 
     _setup_logging(False)
     ref = _model(name)
     _connect(address)
     with console.progress(f"rolling out {ref.name}"):
-        status = do_rollout(app_name or ref.name, timeout_s=timeout)
+        status = do_rollout(app_name or ref.name, timeout_s=timeout, model=ref.name)
     console.print_json(status) if as_json else console.print_status(status)
     if status["failures"] or not status["on_target"]:
         raise typer.Exit(code=1)
@@ -284,7 +284,7 @@ def rollback(name: Annotated[str, typer.Argument(help="NAME or models:/NAME@ALIA
     if not no_rollout:
         _connect(address)
         with console.progress(f"rolling out {ref.name}"):
-            out["status"] = do_rollout(app_name or ref.name)
+            out["status"] = do_rollout(app_name or ref.name, model=ref.name)
         if not as_json:
             console.print_status(out["status"])
     if as_json:
@@ -294,7 +294,7 @@ def rollback(name: Annotated[str, typer.Argument(help="NAME or models:/NAME@ALIA
 @app.command()
 def status(name: Annotated[str, typer.Argument(help="NAME or models:/NAME@ALIAS")], app_name: AppOpt = None,
            address: AddressOpt = None, as_json: JsonOpt = False) -> None:
-    """What a running app serves: registry targets, each replica's versions, load failures, shadow summary."""
+    """What a running app serves (per model): registry targets, each replica's versions, failures, shadow summary."""
     from mlray.serving.deploy import app_status
 
     _setup_logging(False)

@@ -56,6 +56,16 @@ def print_status(status: dict[str, Any]) -> None:
     """An app's status (``mlray status`` / ``rollout``): registry targets, replicas, failures, shadow."""
     import typer
 
+    if "models" in status:  # a many-models app
+        live = len(status["replicas"])
+        typer.echo(f"{len(status['models'])} models, at most {status['max_models_per_replica']} per replica, "
+                   f"{live} replicas; on target: {status['on_target']}")
+        for model in status["models"].values():
+            print_model_status(model, replicas=live)
+        return
+    if "held_by" in status:  # one model of a many-models app (``mlray rollout NAME --app APP``)
+        print_model_status(status, replicas=len(status["replicas"]))
+        return
     targets = ", ".join(f"{role}=v{v}" for role, v in status["targets"].items() if v is not None)
     typer.echo(f"{status['model']}: registry says {targets}; on target: {status['on_target']}")
     for replica, r in sorted(status["replicas"].items()):
@@ -66,6 +76,23 @@ def print_status(status: dict[str, Any]) -> None:
     shadow = status["shadow"]
     if shadow["compared"]:
         typer.echo(f"  shadow: {shadow['agreed']}/{shadow['compared']} answers agreed with the champion")
+
+
+def print_model_status(model: dict[str, Any], *, replicas: int) -> None:
+    """One model of a many-models app: its targets, the replicas holding it and at which version, failures."""
+    import typer
+
+    target = f"{model['model']}@{model['alias']}" if model["alias"] else f"{model['model']}/v{model['version']}"
+    targets = ", ".join(f"{role}=v{v}" for role, v in model["targets"].items() if v is not None) or "nothing"
+    typer.echo(f"{target}: registry says {targets}; held by {model['held_by']} of {replicas} replicas; "
+               f"on target: {model['on_target']}")
+    for replica, r in sorted(model["replicas"].items()):
+        if r["held"]:
+            versions = ", ".join(f"{role}=v{v}" for role, v in r["versions"].items())
+            typer.echo(f"  replica {replica[:12]}  {versions}  (seen {r['seen_s_ago']} s ago)")
+    for replica, failures in sorted(model["failures"].items()):
+        for key, error in failures.items():
+            typer.secho(f"  FAILED {key} on {replica[:12]}: {error}", fg=typer.colors.RED)
 
 
 def is_terminal(stream: TextIO | None = None) -> bool:

@@ -10,6 +10,7 @@ Each replica loads its versions once, warms them up, then follows the registry (
 import asyncio
 import inspect
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -27,10 +28,11 @@ from mlray.serving.auth import AuthMiddleware, KeyFileWatch, KeyGuard, load_key_
 from mlray.serving.config import ServeAppConfig
 from mlray.serving.core import Call, PredictionCore
 from mlray.serving.fastpath import FastPredict, read_limited
+from mlray.serving.fleet import ModelsWatcher
 from mlray.serving.http import install_error_handlers, response, route_path
 from mlray.serving.loader import ServedModel
 from mlray.serving.metrics import ServingMetrics
-from mlray.serving.multi import Answers, LocalWatcher, ModelSet, Slot
+from mlray.serving.multi import Answers, FleetLink, LocalWatcher, ModelSet, Slot
 from mlray.serving.rollout import Follower, RegistryWatcher, resolve_targets
 
 logger = logging.getLogger(__name__)
@@ -201,7 +203,9 @@ class ModelServer:
             agents = lower_metrics_agent_priority(self.cfg.metrics_agent_nice)
             logger.info("Ray's metrics agent(s) %s now at nice %d (metrics_agent_nice)", agents,
                         self.cfg.metrics_agent_nice)
+        self.link: FleetLink | None = None
         if self.cfg.models:
+            self.link = FleetLink(watcher, replica=self.replica, node=self.node, pid=os.getpid())
             # Serve's LRU of models, bounded per replica; it also tells Serve's routers who holds which model.
             async def load(model_id: str) -> Slot:
                 return await self._open_slot(model_id)
@@ -211,7 +215,14 @@ class ModelServer:
                                    held=lambda: len(getattr(load, "__serve_multiplex_wrapper").models))
         else:
             self.models = ModelSet(self.cfg, open_slot=self._open_slot)
+        if self.link is not None:
+            try:  # every model's targets before the pre-warm loads
+                await self.link.beat(self.models)
+            except Exception as err:  # noqa: BLE001 - the watcher may be starting; the followers ask the registry
+                logger.warning("The app's watcher did not answer (%s); each model asks the registry", err)
         await self.models.start()  # loads and warms up; the replica is not healthy before this returns
+        if self.link is not None:
+            self._spawn(self._heartbeat(self.link))
         _Replica.fast_path = self.cfg.fast_path
         _Replica.core = self.models
         if auth.enabled and auth.keys_file:
@@ -227,11 +238,20 @@ class ModelServer:
         """Load one model (its target version, warmed up) and start following its alias."""
         entry = next(entry for entry in self.cfg.entries if entry.name == name)
         cfg = self.cfg.for_model(entry)
-        watcher = self.watcher if not self.cfg.models else LocalWatcher(cfg, resolve=resolve_targets)
+        watcher = self.watcher if not self.cfg.models else LocalWatcher(cfg, resolve=resolve_targets, link=self.link)
         follower = Follower(cfg, watcher, replica=self.replica, node=self.node, metrics=self.metrics)
         core = PredictionCore(cfg, _FollowedModels(follower), metrics=self.metrics)
         await follower.start()
         return Slot(core=core, task=self._spawn(follower.run()), loop=asyncio.get_running_loop())
+
+    async def _heartbeat(self, link: FleetLink) -> None:
+        """A many-models replica tells the app's watcher what it holds and learns every model's targets."""
+        while True:
+            await asyncio.sleep(self.cfg.follow.sync_interval_s)
+            try:
+                await link.beat(self.models)
+            except Exception as err:  # noqa: BLE001 - keep serving what is held; try again next tick
+                logger.warning("Heartbeat to the app's watcher failed: %s", err)
 
     async def _follow_keys(self, watch: KeyFileWatch) -> None:
         """Keys added to or revoked from ``auth.keys_file`` take effect within a heartbeat."""
@@ -274,8 +294,8 @@ def application(args: dict[str, Any], *, deployment_options_override: dict[str, 
     cfg = selection.expand(ServeAppConfig.model_validate(args))  # models a tag or pattern selects, by name
     settings = cfg.model_dump(mode="json")
     # @serve.deployment replaced the classes with Deployments; Ray's typing of the decorator does not say so.
-    # one model: the app's watcher deployment; many: each model's LocalWatcher inside the replicas
-    watcher = cast(serve.Deployment, RegistryWatcher).bind(settings) if not cfg.models else None
+    # one model: RegistryWatcher; many: ModelsWatcher, every model's targets and every replica's heartbeat
+    watcher = cast(serve.Deployment, ModelsWatcher if cfg.models else RegistryWatcher).bind(settings)
     options = {**deployment_options(cfg), **(deployment_options_override or {})}
     return cast(serve.Deployment, ModelServer).options(**options).bind(settings, watcher)
 

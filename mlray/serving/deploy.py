@@ -146,9 +146,19 @@ def _watcher(app: str) -> Any:
         raise NotFound(f"no mlray Serve app named {app!r} on this cluster ({err})") from None
 
 
-def rollout(app: str, *, timeout_s: float = 120.0) -> dict[str, Any]:
-    """Make the app ask the registry now and wait until every replica has moved (or failed to)."""
-    return dict(_calls.call(app, "check_now", timeout_s, timeout_s=timeout_s + 30))
+def rollout(app: str, *, timeout_s: float = 120.0, model: str | None = None) -> dict[str, Any]:
+    """Make the app ask the registry now and wait until every replica has moved (or failed to).
+
+    A many-models app rolls out ``model`` only (the replicas holding it) and answers that model's status;
+    a name it does not serve is :class:`NotFound`, with the names it serves.
+    """
+    status = app_status(app)
+    if "models" not in status:
+        return dict(_calls.call(app, "check_now", timeout_s, timeout_s=timeout_s + 30))
+    if model not in status["models"]:
+        raise NotFound(f"model {model!r} is not served by the Serve app {app!r}; it serves "
+                       f"{sorted(status['models'])}")
+    return dict(_calls.call(app, "check_now", timeout_s, model, timeout_s=timeout_s + 30))
 
 
 def shadow_records(app: str, limit: int = 100) -> list[dict[str, Any]]:
@@ -157,7 +167,8 @@ def shadow_records(app: str, limit: int = 100) -> list[dict[str, Any]]:
 
 
 def app_status(app: str) -> dict[str, Any]:
-    """What the app serves: the registry's targets, each replica's versions and load failures."""
+    """What the app serves: the registry's targets, each replica's versions and load failures (a many-models
+    app: the same per model under ``models``, with whether each replica holds it)."""
     return dict(_calls.call(app, "status", timeout_s=30))
 
 

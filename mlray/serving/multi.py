@@ -12,7 +12,9 @@ in the URL (``/v1/models/{name}:predict``, ``/v2/models/{name}/infer``) or, for 
   replica holds which model: a client that sends ``serve_multiplexed_model_id: NAME`` is routed to a
   replica that already holds it. Each replica pre-warms the listed models up to that bound. A request for a
   model the replica does not hold waits for its load up to ``cold_load_timeout_s``, then gets 503 with
-  Retry-After (the load goes on). Each model's alias is followed by a :class:`LocalWatcher` in the replica.
+  Retry-After (the load goes on). Each model's alias is followed by a :class:`LocalWatcher` in the replica,
+  which reads the targets the replica's :class:`FleetLink` heartbeat brings from the app's
+  :class:`~mlray.serving.fleet.ModelsWatcher` (and asks the registry itself while that cannot be reached).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import mlray
 from mlray.errors import BadRequest, ModelLoadError, NotFound, Overloaded
@@ -54,13 +56,36 @@ class _Method:
         self.remote = fn
 
 
+class FleetLink:
+    """A many-models replica's line to the app's ``ModelsWatcher``: one heartbeat per ``follow.sync_interval_s``
+    reports what the replica holds and brings back every model's targets, which its ``LocalWatcher``s read."""
+
+    def __init__(self, watcher: Any, *, replica: str, node: str, pid: int) -> None:
+        self.watcher = watcher
+        self.replica, self.node, self.pid = replica, node, pid
+        self.targets: dict[str, dict[str, int | None]] = {}
+        self.last_good: dict[str, dict[str, int]] = {}
+
+    async def beat(self, models: ModelSet, *, timeout_s: float = 30.0) -> None:
+        report = {"replica": self.replica, "node": self.node, "pid": self.pid, "held": models.held_report(),
+                  "failures": dict(models.failures)}
+        answer = await asyncio.wait_for(self.watcher.sync.remote(report), timeout=timeout_s)
+        self.targets, self.last_good = answer["targets"], answer["last_good"]
+
+    async def model_status(self, name: str) -> dict[str, Any]:
+        return cast(dict[str, Any], await self.watcher.model_status.remote(name))
+
+
 class LocalWatcher:
     """One model's registry watcher inside a replica of a many-models app (``Follower`` talks to it as to the
-    ``RegistryWatcher`` deployment): asks the registry at most every ``follow.poll_interval_s``."""
+    ``RegistryWatcher`` deployment): the targets its replica's :class:`FleetLink` last brought, or, while the
+    link has none for the model, the registry's, asked at most every ``follow.poll_interval_s``."""
 
-    def __init__(self, cfg: ServeAppConfig, *, resolve: Callable[[ServeAppConfig], dict[str, int | None]]) -> None:
+    def __init__(self, cfg: ServeAppConfig, *, resolve: Callable[[ServeAppConfig], dict[str, int | None]],
+                 link: FleetLink | None = None) -> None:
         self.cfg = cfg
         self.resolve = resolve
+        self.link = link
         self.targets: dict[str, int | None] = {}
         self.asked = -float("inf")
         self.last_good: dict[str, int] = {}
@@ -72,6 +97,11 @@ class LocalWatcher:
         self.report = report
         for role, version in report["versions"].items():
             self.last_good[role] = version
+        if self.link is not None and self.cfg.model in self.link.targets:
+            self.targets = self.link.targets[self.cfg.model]
+            for role, version in self.link.last_good.get(self.cfg.model, {}).items():
+                self.last_good.setdefault(role, version)
+            return {"targets": self.targets, "last_good": self.last_good}
         pinned = self.cfg.version is not None
         if not self.targets or (not pinned and time.monotonic() - self.asked >= self.cfg.follow.poll_interval_s):
             self.asked = time.monotonic()
@@ -84,6 +114,11 @@ class LocalWatcher:
         return {"targets": self.targets, "last_good": self.last_good}
 
     async def _status(self) -> dict[str, Any]:
+        if self.link is not None:
+            try:
+                return await self.link.model_status(self.cfg.model)
+            except Exception as err:  # noqa: BLE001 - the watcher may be restarting; this replica's view then
+                logger.warning("The app's watcher did not answer (%s); answering this replica's view", err)
         versions = self.report.get("versions", {})
         return {"model": self.cfg.model, "alias": self.cfg.alias, "targets": self.targets,
                 "last_good": self.last_good, "replicas": {self.report.get("replica", "?"): {
@@ -199,6 +234,17 @@ class ModelSet:
         """The core the OpenAPI document describes: the first model's, once loaded."""
         slot = self.pinned.get(self.names[0]) or self.recent.get(self.names[0])
         return slot.core if slot is not None else None
+
+    def held_report(self) -> dict[str, dict[str, Any]]:
+        """The models this replica holds now: each one's versions by role and its failed versions."""
+        held: dict[str, dict[str, Any]] = {}
+        for name, slot in list({**self.recent, **self.pinned}.items()):
+            if slot.task is not None and slot.task.done():
+                continue  # evicted: Serve let go of it, its follower stopped
+            versions = slot.core.versions
+            held[name] = {"versions": {role: m.info.version for role, m in versions.models.items()},
+                          "failures": dict(versions.failures)}
+        return held
 
     def check_health(self) -> None:
         """The single model must answer; with many, a model that cannot load is its own requests' 503."""
