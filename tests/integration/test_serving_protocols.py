@@ -244,7 +244,7 @@ def test_schemathesis_all_checks_on_the_deployed_app(secure, tmp_path):
     from tests.unit.test_openapi_fuzz import run_schemathesis
 
     url, key, _ = secure
-    result = run_schemathesis(f"{url}/openapi.json", tmp_path, key=key, max_examples=5, max_time_s=60,
+    result = run_schemathesis(f"{url}/openapi.json", tmp_path, key=key, max_examples=5, max_time_s=30,
                               phases="examples,coverage,fuzzing")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 
