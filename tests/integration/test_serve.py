@@ -208,20 +208,6 @@ def test_predictions_through_haproxy_skip_serves_disconnect_watch(served):
     assert b" 200 OK" in answer and b'"predictions"' in answer
 
 
-def test_haproxy_gives_each_request_an_id_and_keeps_a_clients_own(served):
-    """mlray's HAProxy wrapper sets `x-request-id` (a UUID4, as Serve would) when a request has none, so the
-    replica makes none itself; a client's own ID is the one Serve uses and answers with."""
-    import uuid
-
-    row = {"instances": [ROW]}
-    given = [_predict(served, row) for _ in range(3)]
-    ids = [answer.headers["x-request-id"] for answer in given]
-    assert all(answer.status_code == 200 for answer in given)
-    assert all(uuid.UUID(value).version == 4 for value in ids) and len(set(ids)) == 3, ids
-    mine = _predict(served, row, headers={"x-request-id": "client-chose-this-42"})
-    assert mine.status_code == 200 and mine.headers["x-request-id"] == "client-chose-this-42"
-
-
 def test_replicas_put_rays_metrics_agent_below_them(served):
     """Ray's metrics agent replays every histogram observation in ~1 s bursts at nice 0, above the replicas
     (nice 15); a replica of mlray's app puts every thread of it at nice 19 (`metrics_agent_nice`), and
