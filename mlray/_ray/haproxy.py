@@ -9,10 +9,6 @@ rendered file, then runs the real binary:
 - ``prediction-header``: POSTs to mlray's prediction routes carry ``x-request-disconnect-disabled: ?1``, so
   a direct-ingress replica awaits the app directly instead of starting two more tasks per request to watch
   for the client hanging up (bench/README.md). ``MLRAY_SERVE_CANCEL_ON_DISCONNECT=1`` keeps Serve's watcher.
-- ``request-id``: HAProxy gives a request without ``x-request-id`` one (a UUID4, as Serve would), as Ray's own
-  template does when its ingress request router is on. Without it, a direct-ingress replica makes the ID twice
-  per request (Serve's ``RequestIdMiddleware``, then its ASGI wrapper, which does not see the first) with
-  Python's ``uuid``; HAProxy's C does it once (bench/README.md, "Cheaper metrics and request IDs").
 - ``no-access-log``: no per-request log line from the HTTP frontend (Ray sends it to UDP 127.0.0.1:514, where
   hosts rarely listen). Kept when ``RAY_SERVE_HAPROXY_LOG_TARGET`` is set or HAProxy's metrics are on.
 - ``buffer-request``: ``option http-buffer-request`` in the HTTP frontend (not ``defaults``: a gRPC stream
@@ -86,11 +82,6 @@ NO_DISCONNECT_WATCH = r"""  rule='{rule}'
   grep -qF "$rule" "$cfg" || sed -i "/^frontend http_frontend\$/a\\    $rule" "$cfg"
 """.replace("{rule}", PREDICTION_RULE)
 
-REQUEST_ID_RULE = "http-request set-header x-request-id %[uuid] if !{ req.hdr(x-request-id) -m found }"
-REQUEST_ID = r"""  rule='{rule}'
-  grep -qF "$rule" "$cfg" || sed -i "/^frontend http_frontend\$/a\\    $rule" "$cfg"
-""".replace("{rule}", REQUEST_ID_RULE)
-
 NO_ACCESS_LOG_MARK = "# mlray: no per-request log line (mlray/_ray/haproxy.py)"
 NO_ACCESS_LOG = r"""  mark='{mark}'
   grep -qF "$mark" "$cfg" || sed -i "/^frontend http_frontend\$/a\\    no log  $mark" "$cfg"
@@ -138,8 +129,6 @@ RULES = {
     "buffer-request": Rule("buffer-request", _buffers_requests),
     "prediction-header": Rule("prediction-header", lambda text, *_: PREDICTION_RULE in _frontend(text)),
     "no-access-log": Rule("no-access-log", lambda text, *_: NO_ACCESS_LOG_MARK in _frontend(text)),
-    "request-id": Rule("request-id", lambda text, *_: re.search(
-        r"^\s*http-request\s+set-header\s+x-request-id\s", _frontend(text), re.M) is not None),
 }
 
 
@@ -154,7 +143,7 @@ def drops_access_log() -> bool:
 
 def active_rules() -> list[Rule]:
     """The rules the wrapper applies in this environment."""
-    rules = [RULES["loopback-binds"], RULES["reload-keeps-idle"], RULES["buffer-request"], RULES["request-id"]]
+    rules = [RULES["loopback-binds"], RULES["reload-keeps-idle"], RULES["buffer-request"]]
     if os.environ.get("MLRAY_SERVE_CANCEL_ON_DISCONNECT") != "1":
         rules.append(RULES["prediction-header"])
     if drops_access_log():
@@ -172,7 +161,7 @@ def bundled_binary() -> str:
 
 def write_wrapper(path: Path) -> Path:
     rules = {"prediction-header": NO_DISCONNECT_WATCH, "no-access-log": NO_ACCESS_LOG,
-             "buffer-request": BUFFER_REQUEST, "request-id": REQUEST_ID}
+             "buffer-request": BUFFER_REQUEST}
     frontend = "".join(rules.get(rule.name, "") for rule in active_rules())
     if frontend:
         frontend = FRONTEND_CHECK + frontend
