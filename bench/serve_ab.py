@@ -133,7 +133,7 @@ def main() -> None:
                                cpu_of=[sides[i].pid]).to_dict()
                 results[i].append(load)
                 print(f"round {round_ + 1} {'AB'[i]}: {load['req_per_s']:,.0f} req/s, p50 {load['p50_ms']:.1f} ms, "
-                      f"p99 {load['p99_ms']:.1f} ms", flush=True)
+                      f"p99 {load['p99_ms']:.1f} ms, CPU {load['cpu_ms_per_request']:.2f} ms/req", flush=True)
     finally:
         for proc in sides:
             if proc.stdin:
@@ -148,16 +148,19 @@ def main() -> None:
           f"of {opts.seconds:.0f}-s rounds in turns; load average {os.getloadavg()[0]:.1f} at the end; "
           f"{time.strftime('%Y-%m-%d %H:%M')}\n")
     print("| side | code and settings | req/s (median) | p50 ms | p99 ms (median) | cluster CPU ms/req | "
-          "p99 each round |")
-    print("|---|---|---|---|---|---|---|")
+          "p99 each round | CPU ms/req each round |")
+    print("|---|---|---|---|---|---|---|---|")
     for i, runs in enumerate(results):
         print(f"| {'AB'[i]} | {labels[i]} | {statistics.median(r['req_per_s'] for r in runs):,.0f} | "
               f"{statistics.median(r['p50_ms'] for r in runs):.1f} | "
               f"{statistics.median(r['p99_ms'] for r in runs):.1f} | "
               f"{statistics.median(r['cpu_ms_per_request'] for r in runs):.2f} | "
-              f"{', '.join(format(r['p99_ms'], '.0f') for r in runs)} |")
+              f"{', '.join(format(r['p99_ms'], '.0f') for r in runs)} | "
+              f"{', '.join(format(r['cpu_ms_per_request'], '.2f') for r in runs)} |")
     print(f"\nB's req/s higher in {sum(b['req_per_s'] > a['req_per_s'] for a, b in pairs)} of {len(pairs)} pairs; "
-          f"B's p99 lower in {sum(b['p99_ms'] < a['p99_ms'] for a, b in pairs)} of {len(pairs)}.")
+          f"B's p99 lower in {sum(b['p99_ms'] < a['p99_ms'] for a, b in pairs)} of {len(pairs)}; "
+          f"B's CPU per request lower in "
+          f"{sum(b['cpu_ms_per_request'] < a['cpu_ms_per_request'] for a, b in pairs)} of {len(pairs)}.")
 
 
 if __name__ == "__main__":

@@ -84,8 +84,8 @@ class MetricsMiddleware:
             if protocol != "other":
                 model = seen.get("model") or _asked_model(path)
                 metrics.count_request(model, seen["version"], seen["role"], protocol, seen["status"])
-                metrics.latency.observe(time.perf_counter() - started,
-                                        tags={"model": model, "version": seen["version"], "protocol": protocol})
+                metrics.observe_latency(time.perf_counter() - started, model=model, version=seen["version"],
+                                        protocol=protocol)
 
 
 def _asked_model(path: str) -> str:

@@ -111,7 +111,7 @@ class PredictionCore:
 
     def _observe_batch(self, rows: int, served: ServedModel) -> None:
         if self.metrics is not None:
-            self.metrics.batch_size.observe(rows, tags={"model": self.cfg.model, "version": str(served.info.version)})
+            self.metrics.observe_batch(rows, model=self.cfg.model, version=str(served.info.version))
 
     def _predict_batch(self, calls: list[tuple[ServedModel, np.ndarray]]) -> list[np.ndarray]:
         # Requests that arrived together, perhaps for different versions: one model call per version.
