@@ -183,6 +183,16 @@ def compress(ctx: Context) -> StepResult:
                        "reason": f"{settings.method} kept accuracy within {settings.tolerance}"})
 
 
+def require_canary_app(status: dict[str, Any], *, app: str, alias: str) -> None:
+    """A canary needs an app that serves one model with a challenger section; say which is missing."""
+    if "models" in status:
+        raise ConfigError(f"the Serve app {app!r} serves {len(status['models'])} models ({sorted(status['models'])}); "
+                          "a canary runs on an app that serves one model (model: NAME) with a challenger section")
+    if "challenger" not in status["targets"]:
+        raise ConfigError(f"the Serve app {app!r} has no challenger section; deploy it with "
+                          f"challenger: {{alias: {alias}, mode: split}} in its args to run a canary")
+
+
 def deploy(ctx: Context) -> StepResult:
     """The candidate becomes the app's challenger at the first canary weight (set before the alias, so the
     app never sends it more); the step waits until every replica has loaded it."""
@@ -190,10 +200,7 @@ def deploy(ctx: Context) -> StepResult:
 
     version = int(ctx.out("compress")["served_version"])
     canary = ctx.cfg.canary
-    status = app_status(ctx.app)
-    if "challenger" not in status["targets"]:
-        raise ConfigError(f"the Serve app {ctx.app!r} has no challenger section; deploy it with "
-                          f"challenger: {{alias: {canary.alias}, mode: split}} in its args to run a canary")
+    require_canary_app(app_status(ctx.app), app=ctx.app, alias=canary.alias)
     registry.set_challenger_weight(ctx.name, canary.weights[0])
     tracking.client().set_registered_model_alias(ctx.name, canary.alias, str(version))
     status = rollout(ctx.app, timeout_s=ctx.cfg.rollout_timeout_s)

@@ -160,3 +160,18 @@ def test_a_replica_reports_the_models_it_holds_with_their_versions_not_those_it_
 
     held = asyncio.run(scenario())
     assert list(held) == ["iris"] and held["iris"]["versions"] == {"champion": 3} and held["iris"]["failures"] == {}
+
+
+def test_a_pipeline_canary_on_a_many_models_app_is_refused_naming_its_models():
+    """`mlray pipeline run` deploys its candidate as the app's challenger: an app of many models has none to
+    take (a challenger per model is not built), so the deploy step says so rather than failing on a missing key."""
+    from mlray.errors import ConfigError
+    from mlray.pipeline.steps import require_canary_app
+
+    status = _state().status(now=1)
+    served = r"'fleet' serves 3 models \(\['churn', 'iris', 'wine'\]\); a canary runs on an app that serves one model"
+    with pytest.raises(ConfigError, match=served):
+        require_canary_app(status, app="fleet", alias="challenger")
+    with pytest.raises(ConfigError, match="'digits' has no challenger section"):
+        require_canary_app({"targets": {"champion": 1}}, app="digits", alias="challenger")
+    require_canary_app({"targets": {"champion": 1, "challenger": None}}, app="digits", alias="challenger")
