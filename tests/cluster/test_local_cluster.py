@@ -151,6 +151,7 @@ def trained(cluster: LabCluster, dashboard: Tunnel) -> TrainedOnCluster:
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 300)
+@pytest.mark.slow
 def test_a_job_that_needs_more_than_the_head_adds_a_worker_registers_and_the_idle_worker_goes(
         cluster: LabCluster, trained: TrainedOnCluster) -> None:
     jobs = cluster.credentials("jobs.env")

@@ -66,6 +66,7 @@ def _running(app: str) -> int:
     return status.deployments["ModelServer"].replica_states.get("RUNNING", 0)
 
 
+@pytest.mark.slow
 def test_overload_answers_503_with_retry_after_and_admitted_requests_succeed(model, serve_port):
     url = deploy_app("busy", {"model": "ops", "batching": {"enabled": False},
                               "admission": {"max_ongoing_requests": 1, "max_queued_requests": 2, "retry_after_s": 2}},
@@ -134,6 +135,7 @@ def _traffic_continues(load: SteadyLoad, what: str) -> None:
 # (`option idle-close-on-response`, no `close-spread-time`: mlray/_ray/haproxy.py).
 
 
+@pytest.mark.slow
 def test_replica_sigkilled_three_times_under_load_loses_no_request(ha):
     with SteadyLoad(ha, row=ROW, threads=CLIENTS, max_seconds=600, max_requests=1_000_000) as load:
         wait_for(lambda: load.count() > 50, timeout=60, what="load running")

@@ -116,6 +116,7 @@ def test_b_worker_node_removed_and_replaced(ray_cluster, trained):
             ray_cluster.remove_node(node)
 
 
+@pytest.mark.slow
 def test_c_driver_sigkilled_then_rerun_continues(ray_cluster, trained, tmp_path):
     name, run_name = "digits-driverkill", "driverkill-1"
     config = tmp_path / "job.yaml"

@@ -112,6 +112,7 @@ def test_a_trial_restarted_after_it_finished_reports_its_recorded_run(ray_cluste
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # no second run, the first left as it was
 
 
+@pytest.mark.slow
 def test_sweep_interrupted_then_resumed(ray_cluster):
     command = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", "configs/digits-tune.yaml",
                "--sweep-name", SWEEP, "--epochs", "1"]

@@ -66,6 +66,7 @@ def _champion() -> int:
     return get_version("pl", alias="champion").version
 
 
+@pytest.mark.slow
 def test_better_candidate_becomes_champion_after_a_kill_mid_canary(app, ray_cluster, tmp_path):
     from mlray.pipeline import load_pipeline, run
     from mlray.pipeline.record import PipelineRecord
@@ -125,6 +126,7 @@ def test_better_candidate_becomes_champion_after_a_kill_mid_canary(app, ray_clus
     assert meta["version"] == candidate and meta["lineage"]["mlray.pipeline.id"] == "kill"
 
 
+@pytest.mark.slow
 def test_worse_candidate_from_a_tune_sweep_stops_at_the_gate_and_serving_is_untouched(app, tmp_path):
     """`trainer: tune` on the cluster: a 2-trial sweep of 1-epoch trainings registers its best trial, which
     is worse than the 10-epoch champion, so the gate refuses it."""
