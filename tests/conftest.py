@@ -116,3 +116,18 @@ def register_copy(name: str, trained, *, broken: bool = False) -> int:
     if broken:
         tags["mlray.weights_sha256"] = "0" * 64
     return register(name, model_uri=source.source, run_id=source.run_id, tags=tags).version
+
+
+def set_alias(name: str, version: int, alias: str = "champion") -> None:
+    from mlray.registry.tracking import client
+
+    client().set_registered_model_alias(name, alias, str(version))
+
+
+def register_champions(names: list[str], trained) -> dict[str, int]:
+    """A copy of the baseline registered under each name and made its ``@champion``: name -> version."""
+    versions = {}
+    for name in names:
+        versions[name] = register_copy(name, trained)
+        set_alias(name, versions[name])
+    return versions

@@ -13,16 +13,10 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import deploy_app, register_copy
+from tests.conftest import deploy_app, register_champions, register_copy, set_alias
 from tests.foreign_models import iris, register_classifier, register_regressor, register_torch
 
 pytestmark = pytest.mark.integration
-
-
-def _alias(name: str, version: int, alias: str = "champion") -> None:
-    from mlray.registry.tracking import client
-
-    client().set_registered_model_alias(name, alias, str(version))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +30,7 @@ def foreign(trained, mlray_home):
                 "torchpickle": register_torch("torchpickle", serialization_format="pickle"),
                 "tampered": register_classifier("tampered")}
     for name, version in versions.items():
-        _alias(name, version)
+        set_alias(name, version)
     load_registered("tampered", version=versions["tampered"])  # records the files' hash ...
     model_id = get_version("tampered", version=versions["tampered"]).source.rsplit("/", 1)[-1]  # models:/m-<id>
     skops = next(p for p in Path(mlray_home).rglob("model.skops") if model_id in str(p))
@@ -190,10 +184,7 @@ def test_twenty_models_on_two_replicas_of_at_most_eight_one_alias_moved(trained,
     from tests.helpers import wait_for
 
     names = [f"tiny-{i:02d}" for i in range(20)]
-    first = {}
-    for name in names:
-        first[name] = register_copy(name, trained)
-        _alias(name, first[name])
+    first = register_champions(names, trained)
     url = deploy_app("fleet", {"models": [{"name": n} for n in names], "max_models_per_replica": 8,
                                "follow": {"poll_interval_s": 1.0, "sync_interval_s": 0.5}},
                      port=serve_port, options={"num_replicas": 2})
@@ -201,7 +192,7 @@ def test_twenty_models_on_two_replicas_of_at_most_eight_one_alias_moved(trained,
         with RoundRobin(url, names, [0.0] * 64) as load:
             wait_for(lambda: len(load.results) >= 120, timeout=240, what="120 answers")
             moved = register_copy(names[0], trained)
-            _alias(names[0], moved)
+            set_alias(names[0], moved)
             wait_for(lambda: any(r[0] == names[0] and r[2] == str(moved) for r in load.results[-40:]),
                      timeout=120, what=f"{names[0]} answered by version {moved}")
             settled = len(load.results)

@@ -9,7 +9,7 @@ import json
 import pytest
 import requests
 
-from tests.conftest import deploy_app, register_copy
+from tests.conftest import deploy_app, register_champions, register_copy, set_alias
 from tests.integration.test_serving_rollout import ROW, mlray_cli
 
 pytestmark = pytest.mark.integration
@@ -17,20 +17,11 @@ pytestmark = pytest.mark.integration
 NAMES = ["ops-a", "ops-b", "ops-c"]
 
 
-def _alias(name: str, version: int) -> None:
-    from mlray.registry.tracking import client
-
-    client().set_registered_model_alias(name, "champion", str(version))
-
-
 @pytest.fixture(scope="module")
 def fleet(trained, serve_port):
     from ray import serve
 
-    first = {}
-    for name in NAMES:
-        first[name] = register_copy(name, trained)
-        _alias(name, first[name])
+    first = register_champions(NAMES, trained)
     # a long poll: only `mlray rollout` makes the app notice a moved alias within this test
     url = deploy_app("ops", {"models": [{"name": n} for n in NAMES], "max_models_per_replica": 2,
                              "follow": {"poll_interval_s": 600.0, "sync_interval_s": 0.5}},
@@ -74,7 +65,7 @@ def test_status_per_model_and_rollout_of_one_moved_alias(fleet, trained, ray_clu
 
     # ops-a's alias moves; the app does not poll within the test, so it keeps answering the old version ...
     moved = register_copy("ops-a", trained)
-    _alias("ops-a", moved)
+    set_alias("ops-a", moved)
     assert _version(url, "ops-a") == str(first["ops-a"])
     # ... until `mlray rollout ops-a --app ops`, which waits for every replica holding it
     rolled = mlray_cli("rollout", "ops-a", "--app", "ops", "--json", address=address)
