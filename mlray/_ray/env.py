@@ -65,19 +65,23 @@ HAPROXY_FILE_KNOBS = (
 FALSY = ("0", "false", "no")
 
 
+def _users_first(knobs: dict[str, str]) -> dict[str, str]:
+    return {key: os.environ.get(key, value) for key, value in knobs.items()}
+
+
 def train_env() -> dict[str, str]:
     """:data:`TRAIN_ENV`, with the user's own values where set."""
-    return {key: os.environ.get(key, value) for key, value in TRAIN_ENV.items()}
+    return _users_first(TRAIN_ENV)
 
 
 def local_head_env() -> dict[str, str]:
     """:data:`LOCAL_HEAD_ENV`, with the user's own values where set."""
-    return {key: os.environ.get(key, value) for key, value in LOCAL_HEAD_ENV.items()}
+    return _users_first(LOCAL_HEAD_ENV)
 
 
 def serve_env() -> dict[str, str]:
     """:data:`SERVE_ENV`, with the user's own values where set."""
-    return {key: os.environ.get(key, value) for key, value in SERVE_ENV.items()}
+    return _users_first(SERVE_ENV)
 
 
 def haproxy_metrics_enabled() -> bool:
