@@ -41,6 +41,9 @@ class CanaryStep(_Strict):
         default=0.01, ge=0, le=1, description="challenger 5xx rate may exceed the champion's by at most this")
     max_p99_ratio: float = Field(default=2.0, ge=1, description="challenger p99 <= ratio x champion p99 + slack")
     p99_slack_s: float = Field(default=0.05, ge=0)
+    min_p99_requests: int = Field(
+        default=100, ge=1, description="requests each side needs before the p99s are compared (with fewer, a "
+                                       "p99 is one slow request); the last weight needs them to promote")
     poll_s: float = Field(default=1.0, gt=0, description="how often the app's counters are read")
 
     @field_validator("weights")

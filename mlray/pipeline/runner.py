@@ -80,7 +80,7 @@ def plan(cfg: PipelineConfig, *, pipeline_id: str) -> list[tuple[str, str]]:
         ("watch", f"weights {', '.join(f'{w:g}' for w in canary.weights)}, each held >= {canary.hold_s:g} s and "
                   f">= {canary.min_requests} challenger requests; roll back if its 5xx rate exceeds the champion's "
                   f"by {canary.max_error_rate_increase} or its p99 exceeds {canary.max_p99_ratio:g}x + "
-                  f"{canary.p99_slack_s * 1000:.0f} ms"),
+                  f"{canary.p99_slack_s * 1000:.0f} ms (compared from {canary.min_p99_requests} requests a side)"),
         ("finish", f"promote to {job.name}@champion, or roll back; then remove @{canary.alias}"),
     ]
 

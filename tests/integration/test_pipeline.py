@@ -26,7 +26,7 @@ ROW = [0.0] * 64
 POISON = [1e6] + [0.0] * 63  # far outside the training data: the fragile model raises on it
 CANARY = {"weights": [0.2, 0.5], "hold_s": 3, "min_requests": 10, "max_hold_s": 90, "poll_s": 0.5,
           # generous latency bounds: two cores shared with training and the load generator
-          "max_p99_ratio": 10.0, "p99_slack_s": 0.5}
+          "max_p99_ratio": 10.0, "p99_slack_s": 0.5, "min_p99_requests": 10}
 
 
 def _write_pipeline(folder: Path, *, train: dict | None = None, model: dict | None = None,

@@ -94,8 +94,8 @@ def test_merge_sums_replicas():
     assert (total["requests"], total["errors"], sum(total["buckets"])) == (2, 1, 2)
 
 
-POLICY = CanaryPolicy(CanaryStep(hold_s=10, max_hold_s=30, min_requests=20, max_error_rate_increase=0.01,
-                                 max_p99_ratio=2.0, p99_slack_s=0.01))
+POLICY = CanaryPolicy(CanaryStep(weights=(0.05, 0.25, 0.5), hold_s=10, max_hold_s=30, min_requests=20,
+                                 max_error_rate_increase=0.01, max_p99_ratio=2.0, p99_slack_s=0.01))
 GOOD = Window(requests=400, errors=0, p99_s=0.02)
 
 
@@ -112,12 +112,28 @@ def test_canary_tolerates_errors_within_the_bound():
     assert decision.action == "advance", decision.reason
 
 
-def test_canary_rolls_back_on_p99_only_with_enough_requests():
-    slow = Window(requests=5, errors=0, p99_s=0.5)
-    assert POLICY.decide(weight=0.05, champion=GOOD, challenger=slow, held_s=12).action == "hold"
-    decision = POLICY.decide(weight=0.05, champion=GOOD, challenger=Window(25, 0, 0.5), held_s=12)
+def test_canary_compares_p99s_only_from_min_p99_requests_a_side():
+    # 33 requests: the p99 is the slowest one; a single pause of the machine must not roll a challenger back
+    one_slow = Window(requests=33, errors=0, p99_s=0.065)
+    decision = POLICY.decide(weight=0.05, champion=GOOD, challenger=one_slow, held_s=1)
+    assert decision.action == "hold", decision.reason
+    advance = POLICY.decide(weight=0.05, champion=GOOD, challenger=one_slow, held_s=12)
+    assert advance.action == "advance" and "p99s not compared: fewer than 100 requests" in advance.reason
+    decision = POLICY.decide(weight=0.05, champion=GOOD, challenger=Window(150, 0, 0.5), held_s=1)
     assert decision.action == "rollback"
-    assert "p99 500.0 ms exceeds 2 x the champion's 20.0 ms + 10 ms" in decision.reason
+    assert "p99 500.0 ms exceeds 2 x the champion's 20.0 ms + 10 ms at weight 0.05" in decision.reason
+    # nor from a champion's few requests (a low p99 of a handful would tighten the bound by chance)
+    few = Window(requests=40, errors=0, p99_s=0.001)
+    assert POLICY.decide(weight=0.05, champion=few, challenger=Window(150, 0, 0.03), held_s=1).action == "hold"
+
+
+def test_canary_promotes_only_with_the_p99s_compared():
+    last, unjudged = 0.5, Window(requests=60, errors=0, p99_s=0.02)
+    held = POLICY.decide(weight=last, champion=GOOD, challenger=unjudged, held_s=12)
+    assert held.action == "hold" and "promotion needs the p99s compared: 60 challenger" in held.reason
+    starved = POLICY.decide(weight=last, champion=GOOD, challenger=unjudged, held_s=30)
+    assert starved.action == "rollback" and "not enough traffic to judge" in starved.reason
+    assert POLICY.decide(weight=last, champion=GOOD, challenger=Window(120, 0, 0.02), held_s=12).action == "advance"
 
 
 def test_canary_holds_then_advances_and_gives_up_without_traffic():
