@@ -40,14 +40,18 @@ def ray_cluster(mlray_home: str):
     from ray.cluster_utils import Cluster
 
     from mlray.cluster.serve_env import serve_head_env
+    from tests.helpers import free_port
 
     # The Serve settings of the heads mlray starts (HAProxy ingress with its retries, throughput mode, private
     # HAProxy files): the serving tests run what users get. Serve reads them when its processes start, and
     # the nodes that tests add later inherit this process's environment too.
     serve_env = serve_head_env(Path(mlray_home))
     os.environ.update(serve_env)
+    # With its dashboard, as every cluster mlray starts: Ray Train frees a stopped Tune trial's CPUs once the
+    # State API (served there) says the trial's controller died. Not on 8265: the cluster lab's heads use it.
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 4, "object_store_memory": 300 * 1024 * 1024, "include_dashboard": False,
+        "num_cpus": 4, "object_store_memory": 300 * 1024 * 1024, "include_dashboard": True,
+        "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
     })
     ray.init(address=cluster.address)
     yield cluster

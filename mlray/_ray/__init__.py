@@ -12,8 +12,6 @@ the installed Ray differs or when the item finds nothing to act on:
 - :mod:`mlray._ray.agent`: lowering the priority of this node's Ray metrics agent (opt-in).
 - :mod:`mlray._ray.onewrite`: a replica's uvicorn (Serve's direct ingress) sends each answer's head and
   body in one write, so a replica killed mid-answer sends nothing HAProxy cannot replay.
-- :mod:`mlray._ray.placement_groups`: finding placement groups whose creator died (Ray's GCS records), and
-  a restored Tuner's run config.
 
 ``tests/unit/test_ray_seam.py`` fails on any private Ray import or underscore attribute of a Ray object
 outside this package, and renders Ray's real HAProxy template to check every rewrite rule still applies.

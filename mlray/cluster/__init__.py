@@ -65,7 +65,9 @@ def ray_env() -> dict[str, str]:
 def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """Connect this process to Ray: ``address``, ``$RAY_ADDRESS``, a running local cluster, or a new one.
 
-    A new one lives only as long as this process (use :func:`start_head` for one that outlives it).
+    A new one lives only as long as this process (use :func:`start_head` for one that outlives it). It has its
+    dashboard on 127.0.0.1 (port 8265, or the next free one): Ray's State API lives there, and Ray Train asks it
+    whether a stopped Tune trial's controller died before it frees the trial's CPUs.
     ``log_to_driver=False`` keeps the workers' logs out of this process's output (they stay in the
     dashboard and under /tmp/ray/session_latest/logs).
     """
@@ -86,7 +88,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, log_to_d
         logger.info("No Ray cluster running: starting one for this process")
         for key, value in local_head_env().items():
             os.environ.setdefault(key, value)  # the processes ray.init starts inherit it
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
 
 
 def resolve_address(address: str | None) -> str | None:

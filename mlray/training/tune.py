@@ -10,12 +10,10 @@ unfinished trial's training continues from its Train checkpoints in its own chil
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from mlray import cluster, settings
-from mlray._ray.placement_groups import orphaned_placement_groups, restored_run_config
 from mlray.config import JobConfig, TuneSettings, parse_config
 from mlray.errors import ConfigError, TrainingFailed
 from mlray.registry import tracking
@@ -80,45 +78,18 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], parent_run_id: str, 
         run.finish()
 
 
-def release_orphaned_placement_groups() -> list[str]:
-    """Remove this job's placement groups whose creating actor is dead; returns their ids.
+def _warn_without_state_api() -> None:
+    """Ray Train removes a stopped trial's placement group once it sees, through the State API, that the trial's
+    controller died; the State API is served by the dashboard. Without it an ASHA-stopped trial keeps its
+    CPUs until the sweep ends, and a later trial may wait for them."""
+    from ray.util.state import list_nodes
 
-    A trial Tune stopped (ASHA) leaves its Train workers' group reserved while the sweep's driver lives
-    (mlray/_ray/placement_groups.py says why); no one can use such a group any more: its creator is gone.
-    """
-    import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    released = []
-    for group in orphaned_placement_groups(ray.get_runtime_context().get_job_id()):
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group.placement_group_id)))
-        logger.info("Released placement group %s (%s): the actor that created it (%s) is dead",
-                    group.placement_group_id, group.bundles, group.creator_actor_id)
-        released.append(group.placement_group_id)
-    return released
-
-
-def _orphan_janitor(interval_s: float = 5.0) -> Any:
-    """A Tune callback that runs :func:`release_orphaned_placement_groups` every ``interval_s`` seconds."""
-    from ray.tune import Callback
-
-    class ReleaseOrphanedPlacementGroups(Callback):
-        def __init__(self) -> None:
-            self._next = 0.0
-            self._broken = False
-
-        def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
-            if self._broken or time.monotonic() < self._next:
-                return
-            self._next = time.monotonic() + interval_s
-            try:
-                release_orphaned_placement_groups()
-            except Exception as err:  # noqa: BLE001 - Ray's GCS records changed (mlray/_ray): say so, once
-                self._broken = True
-                logger.warning("Cannot look for stopped trials' placement groups (%s); a stopped trial's "
-                               "CPUs stay reserved until the sweep ends unless the dashboard is up", err)
-
-    return ReleaseOrphanedPlacementGroups()
+    try:
+        list_nodes(limit=1, raise_on_missing_output=False)
+    except Exception as err:  # noqa: BLE001 - any failure means the cleaner cannot ask either
+        logger.warning("This Ray cluster answers no State API (%s): Ray Train cannot release the CPUs of trials "
+                       "ASHA stops until the sweep ends. Start the head with its dashboard (the default of "
+                       "`ray start --head`, `mlray quickstart` and `ray up`).", err)
 
 
 def _parent_run(cfg: JobConfig, sweep_name: str, experiment_id: str) -> str:
@@ -152,6 +123,7 @@ def sweep(cfg: JobConfig, *, address: str | None = None) -> SweepResult:
     settings_ = cfg.tune
     cluster.apply_env()
     cluster.connect(address)
+    _warn_without_state_api()
     sweep_name = settings_.sweep_name or f"{cfg.name}-sweep-{tracking.new_suffix()}"
     experiment_id = tracking.experiment_id(cfg.experiment_name)
     parent = _parent_run(cfg, sweep_name, experiment_id)
@@ -167,11 +139,6 @@ def sweep(cfg: JobConfig, *, address: str | None = None) -> SweepResult:
         if tune.Tuner.can_restore(path):
             logger.info("Resuming sweep %s from %s", sweep_name, path)
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, restart_errored=True)
-            # The run config, callbacks included, comes back from the sweep's saved state; an old sweep
-            # saved before the janitor existed gets one here.
-            run_config = restored_run_config(tuner)
-            if not any(type(cb).__name__ == "ReleaseOrphanedPlacementGroups" for cb in run_config.callbacks or []):
-                run_config.callbacks = [*(run_config.callbacks or []), _orphan_janitor()]
         else:
             scheduler = (tune.schedulers.ASHAScheduler(grace_period=settings_.scheduler.grace_period,
                                                        reduction_factor=settings_.scheduler.reduction_factor,
@@ -184,7 +151,7 @@ def sweep(cfg: JobConfig, *, address: str | None = None) -> SweepResult:
                 tune_config=tune.TuneConfig(metric=settings_.metric, mode=settings_.mode,
                                             num_samples=settings_.num_samples, scheduler=scheduler,
                                             max_concurrent_trials=settings_.max_concurrent_trials),
-                run_config=tune.RunConfig(name=sweep_name, storage_path=storage, callbacks=[_orphan_janitor()]),
+                run_config=tune.RunConfig(name=sweep_name, storage_path=storage),
             )
         grid = tuner.fit()
         result = _register_best(cfg, grid, sweep_name, parent, experiment_id, register)
