@@ -183,11 +183,17 @@ def compress(ctx: Context) -> StepResult:
                        "reason": f"{settings.method} kept accuracy within {settings.tolerance}"})
 
 
-def require_canary_app(status: dict[str, Any], *, app: str, alias: str) -> None:
-    """A canary needs an app that serves one model with a challenger section; say which is missing."""
+def require_canary_app(status: dict[str, Any], *, app: str, alias: str, model: str) -> None:
+    """A canary needs an app that serves ``model`` with a challenger section; say which is missing. A
+    many-models app names its challenger per model (``models: [{name: NAME, challenger: {...}}]``)."""
     if "models" in status:
-        raise ConfigError(f"the Serve app {app!r} serves {len(status['models'])} models ({sorted(status['models'])}); "
-                          "a canary runs on an app that serves one model (model: NAME) with a challenger section")
+        if model not in status["models"]:
+            raise ConfigError(f"the Serve app {app!r} does not serve {model!r}; it serves {sorted(status['models'])}")
+        if "challenger" not in status["models"][model]["targets"]:
+            raise ConfigError(f"the Serve app {app!r} serves {model!r} without a challenger; give its entry "
+                              f"challenger: {{alias: {alias}}} (models: [{{name: {model}, challenger: "
+                              f"{{alias: {alias}}}}}]) to run a canary")
+        return
     if "challenger" not in status["targets"]:
         raise ConfigError(f"the Serve app {app!r} has no challenger section; deploy it with "
                           f"challenger: {{alias: {alias}, mode: split}} in its args to run a canary")
@@ -200,13 +206,14 @@ def deploy(ctx: Context) -> StepResult:
 
     version = int(ctx.out("compress")["served_version"])
     canary = ctx.cfg.canary
-    require_canary_app(app_status(ctx.app), app=ctx.app, alias=canary.alias)
+    require_canary_app(app_status(ctx.app), app=ctx.app, alias=canary.alias, model=ctx.name)
     registry.set_challenger_weight(ctx.name, canary.weights[0])
     tracking.client().set_registered_model_alias(ctx.name, canary.alias, str(version))
-    status = rollout(ctx.app, timeout_s=ctx.cfg.rollout_timeout_s)
+    status = rollout(ctx.app, timeout_s=ctx.cfg.rollout_timeout_s, model=ctx.name)
     failed = {replica: errors[f"challenger:v{version}"] for replica, errors in status["failures"].items()
-              if f"challenger:v{version}" in errors}
-    loaded = [r["versions"].get("challenger") == version for r in status["replicas"].values()]
+              if isinstance(errors, dict) and f"challenger:v{version}" in errors}
+    # a many-models app: the replicas that hold the model (Serve routes its requests to them)
+    loaded = [r["versions"].get("challenger") == version for r in status["replicas"].values() if r.get("held", True)]
     if failed or not loaded or not all(loaded):
         reason = f"challenger version {version} did not load on every replica: {failed or status['replicas']}"
         ctx.say(f"deploy: {reason}")

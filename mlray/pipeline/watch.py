@@ -24,10 +24,10 @@ def _apply_weight(ctx: Context, weight: float) -> None:
     from mlray.serving.deploy import rollout, traffic
 
     registry.set_challenger_weight(ctx.name, weight)
-    rollout(ctx.app, timeout_s=ctx.cfg.rollout_timeout_s)  # the watcher reads the registry now
+    rollout(ctx.app, timeout_s=ctx.cfg.rollout_timeout_s, model=ctx.name)  # the watcher reads the registry now
     deadline = time.monotonic() + ctx.cfg.rollout_timeout_s
     while True:
-        applied = traffic(ctx.app)["applied_weights"]
+        applied = traffic(ctx.app, ctx.name)["applied_weights"]
         if applied and all(w == weight for w in applied.values()):
             return
         if time.monotonic() > deadline:
@@ -65,10 +65,10 @@ def watch(ctx: Context) -> StepResult:
     done: list[dict[str, Any]] = list(ctx.out("watch").get("stages", []))
     for weight in canary.weights[len(done):]:
         _apply_weight(ctx, weight)
-        before, started, last_said = traffic(ctx.app)["counts"], time.monotonic(), 0.0
+        before, started, last_said = traffic(ctx.app, ctx.name)["counts"], time.monotonic(), 0.0
         while True:
             time.sleep(canary.poll_s)
-            after = traffic(ctx.app)["counts"]
+            after = traffic(ctx.app, ctx.name)["counts"]
             held = time.monotonic() - started
             decision = policy.decide(weight=weight, champion=window(before, after, f"champion:v{champion_version}"),
                                      challenger=window(before, after, f"challenger:v{version}"), held_s=held)
@@ -93,13 +93,13 @@ def _clear_challenger(ctx: Context) -> None:
     from mlray.serving.deploy import rollout
 
     registry.set_challenger_weight(ctx.name, 0.0)
-    rollout(ctx.app, timeout_s=ctx.cfg.rollout_timeout_s)
+    rollout(ctx.app, timeout_s=ctx.cfg.rollout_timeout_s, model=ctx.name)
     try:
         tracking.client().delete_registered_model_alias(ctx.name, ctx.cfg.canary.alias)
     except Exception:  # noqa: BLE001 - already gone (a resumed run)
         pass
     registry.set_challenger_weight(ctx.name, None)
-    rollout(ctx.app, timeout_s=ctx.cfg.rollout_timeout_s)
+    rollout(ctx.app, timeout_s=ctx.cfg.rollout_timeout_s, model=ctx.name)
 
 
 def finish(ctx: Context) -> StepResult:
@@ -117,7 +117,8 @@ def finish(ctx: Context) -> StepResult:
         else:
             from mlray.serving.deploy import rollout
 
-            rollout(ctx.app, timeout_s=ctx.cfg.rollout_timeout_s)  # the app answers with the new champion now
+            # the app answers with the new champion now
+            rollout(ctx.app, timeout_s=ctx.cfg.rollout_timeout_s, model=ctx.name)
             _clear_challenger(ctx)
             ctx.say(f"finish: {ctx.name}@champion -> version {version} (was {result.previous_version})")
             return StepResult({"outcome": "champion", "version": version, "previous": result.previous_version},

@@ -33,7 +33,7 @@ from mlray.serving.http import install_error_handlers, response, route_path
 from mlray.serving.loader import ServedModel
 from mlray.serving.metrics import ServingMetrics
 from mlray.serving.multi import Answers, FleetLink, LocalWatcher, ModelSet, Slot
-from mlray.serving.rollout import Follower, RegistryWatcher, resolve_targets
+from mlray.serving.rollout import Follower, RegistryWatcher, resolve_targets, resolve_weight
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +174,9 @@ class _FollowedModels:
     def challenger_weight(self) -> float | None:
         return self.follower.challenger_weight
 
+    def traffic_report(self) -> dict[str, Any]:
+        return self.follower.traffic_report()
+
     async def rollout_status(self) -> dict[str, Any]:
         return cast(dict[str, Any], await self.follower.watcher.status.remote())
 
@@ -238,7 +241,8 @@ class ModelServer:
         """Load one model (its target version, warmed up) and start following its alias."""
         entry = next(entry for entry in self.cfg.entries if entry.name == name)
         cfg = self.cfg.for_model(entry)
-        watcher = self.watcher if not self.cfg.models else LocalWatcher(cfg, resolve=resolve_targets, link=self.link)
+        watcher = self.watcher if not self.cfg.models else LocalWatcher(cfg, resolve=resolve_targets, link=self.link,
+                                                                        weigh=resolve_weight)
         follower = Follower(cfg, watcher, replica=self.replica, node=self.node, metrics=self.metrics)
         core = PredictionCore(cfg, _FollowedModels(follower), metrics=self.metrics)
         await follower.start()

@@ -106,6 +106,8 @@ class ModelEntry(_Section):
                                 description="every registered model whose name matches this glob (* and ?)")
     alias: str | None = None
     version: int | None = Field(default=None, ge=1)
+    challenger: ChallengerConfig | None = Field(
+        default=None, description="this model's challenger (split): a canary of one model of the app")
 
     @model_validator(mode="before")
     @classmethod
@@ -127,6 +129,13 @@ class ModelEntry(_Section):
                              "follows an alias")
         if self.alias is None and self.version is None:
             object.__setattr__(self, "alias", "champion")
+        if self.challenger is not None:
+            if self.challenger.mode != "split":
+                raise ValueError(f"models[{label!r}].challenger.mode {self.challenger.mode!r}: a many-models app "
+                                 "runs split challengers; a shadow challenger needs an app of one model (model:)")
+            if self.challenger.alias == self.alias:
+                raise ValueError(f"models[{label!r}].challenger.alias {self.challenger.alias!r} is the model's own "
+                                 "alias; use another")
         return self
 
     @property
@@ -179,7 +188,8 @@ class ServeAppConfig(_Section):
             if repeated:
                 raise ValueError(f"models lists {repeated[0]!r} more than once; each model once")
             if self.challenger is not None:
-                raise ValueError("challenger is for one model (model:); a many-models app follows each alias")
+                raise ValueError("challenger: in a many-models app each model has its own; put it under the model's "
+                                 "entry (models: [{name: NAME, challenger: {alias: challenger, weight: 0.1}}])")
             return self
         if (self.alias is None) == (self.version is None):
             raise ValueError(f"give exactly one of alias ({self.alias!r}) or version ({self.version!r})")
@@ -194,8 +204,9 @@ class ServeAppConfig(_Section):
 
     def for_model(self, entry: ModelEntry) -> ServeAppConfig:
         """The settings of one model of the app: the same app settings, that model's name and target."""
+        challenger = entry.challenger if self.models else self.challenger  # one model: the app's own section
         return self.model_copy(update={"model": entry.name, "alias": entry.alias, "version": entry.version,
-                                       "models": []})
+                                       "models": [], "challenger": challenger})
 
     @property
     def target(self) -> str:

@@ -62,6 +62,10 @@ class Models(Protocol):
     @property
     def challenger_weight(self) -> float | None: ...
 
+    def traffic_report(self) -> dict[str, Any]:
+        """The ``record_call`` counts so far, per ``role:vN`` (``TrafficCounter.to_dict``)."""
+        ...
+
     async def rollout_status(self) -> dict[str, Any]: ...
 
 

@@ -172,9 +172,10 @@ def app_status(app: str) -> dict[str, Any]:
     return dict(_calls.call(app, "status", timeout_s=30))
 
 
-def traffic(app: str) -> dict[str, Any]:
-    """Per ``role:vN`` request, error and latency counts of the app (``RegistryWatcher.traffic``)."""
-    return dict(_calls.call(app, "traffic", timeout_s=30))
+def traffic(app: str, model: str | None = None) -> dict[str, Any]:
+    """Per ``role:vN`` request, error and latency counts of the app (``RegistryWatcher.traffic``); a many-models
+    app's of ``model`` (``ModelsWatcher.traffic``)."""
+    return dict(_calls.call(app, "traffic", model, timeout_s=30))
 
 
 def shutdown() -> None:

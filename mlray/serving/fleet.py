@@ -26,7 +26,8 @@ from ray import serve
 
 from mlray.errors import NotFound
 from mlray.serving.config import ServeAppConfig
-from mlray.serving.rollout import WATCHER_NAME, resolve_targets
+from mlray.serving.rollout import WATCHER_NAME, resolve_targets, resolve_weight
+from mlray.serving.traffic import merge
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class FleetState:
         self.targets: dict[str, dict[str, int | None]] = {}
         self.errors: dict[str, str] = {}  # model -> why the registry could not say its targets
         self.last_good: dict[str, dict[str, int]] = {}
+        self.weights: dict[str, float | None] = {}  # model -> challenger weight set in the registry (a canary's)
         self.replicas: dict[str, dict[str, Any]] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=100)
 
@@ -60,6 +62,11 @@ class FleetState:
                        f"{name}: registry moved {previous} -> {targets}", now=now)
         self.targets[name] = targets
         self.errors.pop(name, None)
+
+    def set_weight(self, name: str, weight: float | None, *, now: float) -> None:
+        if self.weights.get(name) != weight:
+            self.event(f"{name}: challenger weight {self.weights.get(name)} -> {weight}", now=now)
+        self.weights[name] = weight
 
     def set_error(self, name: str, error: str, *, now: float) -> None:
         """The registry could not say: keep the targets known so far (a registry outage must not stop a model)."""
@@ -78,7 +85,20 @@ class FleetState:
                     self.last_good.setdefault(name, {})[role] = version
                     self.event(f"replica {replica} answers {name} {role} with version {version}", now=now)
         self.replicas[replica] = {**report, "seen": now}
-        return {"targets": self.targets, "last_good": self.last_good}
+        return {"targets": self.targets, "last_good": self.last_good, "weights": self.weights}
+
+    def traffic(self, name: str, *, now: float) -> dict[str, Any]:
+        """``name``'s requests, 5xx and latency per ``role:vN``, summed over every replica's last report (one
+        that went away keeps its counts; a replica that evicts the model starts its counts again), and the
+        challenger weight each live replica holding it applies."""
+        if name not in self.cfgs:
+            raise NotFound(f"model {name!r} is not served by this app; it serves {sorted(self.cfgs)}")
+        held = {replica: r["held"][name] for replica, r in self.replicas.items() if name in r["held"]}
+        live = self.live(now)
+        return {"counts": merge([h.get("traffic", {}) for h in held.values()]),
+                "challenger_weight": self.weights.get(name),
+                "applied_weights": {replica: h.get("challenger_weight") for replica, h in held.items()
+                                    if replica in live}}
 
     def live(self, now: float) -> dict[str, dict[str, Any]]:
         return {k: r for k, r in self.replicas.items() if now - r["seen"] <= self.horizon_s}
@@ -160,17 +180,20 @@ class ModelsWatcher:
         while True:
             await asyncio.sleep(self.cfg.follow.poll_interval_s)
             for name, cfg in self.state.cfgs.items():
-                if cfg.version is None:
+                if cfg.version is None or cfg.challenger is not None:
                     await self.refresh(name)
 
     async def refresh(self, name: str) -> dict[str, int | None]:
         """Ask the registry where ``name``'s aliases point now; a failure keeps what was known."""
+        cfg = self.state.cfgs[name]
         try:
-            targets = await asyncio.to_thread(resolve_targets, self.state.cfgs[name])
+            targets = await asyncio.to_thread(resolve_targets, cfg)
+            weight = await asyncio.to_thread(resolve_weight, cfg) if cfg.challenger is not None else None
         except Exception as err:  # noqa: BLE001 - a registry outage or a missing alias must not stop the others
             self.state.set_error(name, f"{type(err).__name__}: {err}", now=time.time())
         else:
             self.state.set_targets(name, targets, now=time.time())
+            self.state.set_weight(name, weight, now=time.time())
         return self.state.targets.get(name, {})
 
     async def sync(self, report: dict[str, Any]) -> dict[str, Any]:
@@ -182,6 +205,12 @@ class ModelsWatcher:
 
     def model_status(self, name: str) -> dict[str, Any]:
         return self.state.model_status(name, now=time.time())
+
+    def traffic(self, model: str | None = None) -> dict[str, Any]:
+        """One model's counts (:meth:`FleetState.traffic`); the pipeline's canary reads them."""
+        if model is None:
+            raise NotFound(f"this app serves {len(self.state.cfgs)} models; name one of {sorted(self.state.cfgs)}")
+        return self.state.traffic(model, now=time.time())
 
     async def check_now(self, timeout_s: float = 60.0, model: str | None = None) -> dict[str, Any]:
         """``mlray rollout NAME --app APP``: ask the registry about ``model`` now and wait until every live

@@ -65,12 +65,14 @@ class FleetLink:
         self.replica, self.node, self.pid = replica, node, pid
         self.targets: dict[str, dict[str, int | None]] = {}
         self.last_good: dict[str, dict[str, int]] = {}
+        self.weights: dict[str, float | None] = {}
 
     async def beat(self, models: ModelSet, *, timeout_s: float = 30.0) -> None:
         report = {"replica": self.replica, "node": self.node, "pid": self.pid, "held": models.held_report(),
                   "failures": dict(models.failures)}
         answer = await asyncio.wait_for(self.watcher.sync.remote(report), timeout=timeout_s)
         self.targets, self.last_good = answer["targets"], answer["last_good"]
+        self.weights = answer.get("weights", {})
 
     async def model_status(self, name: str) -> dict[str, Any]:
         return cast(dict[str, Any], await self.watcher.model_status.remote(name))
@@ -82,11 +84,14 @@ class LocalWatcher:
     link has none for the model, the registry's, asked at most every ``follow.poll_interval_s``."""
 
     def __init__(self, cfg: ServeAppConfig, *, resolve: Callable[[ServeAppConfig], dict[str, int | None]],
-                 link: FleetLink | None = None) -> None:
+                 link: FleetLink | None = None,
+                 weigh: Callable[[ServeAppConfig], float | None] = lambda cfg: None) -> None:
         self.cfg = cfg
         self.resolve = resolve
+        self.weigh = weigh  # the challenger weight the registry sets (resolve_weight), asked with the targets
         self.link = link
         self.targets: dict[str, int | None] = {}
+        self.weight: float | None = None
         self.asked = -float("inf")
         self.last_good: dict[str, int] = {}
         self.report: dict[str, Any] = {}
@@ -101,17 +106,20 @@ class LocalWatcher:
             self.targets = self.link.targets[self.cfg.model]
             for role, version in self.link.last_good.get(self.cfg.model, {}).items():
                 self.last_good.setdefault(role, version)
-            return {"targets": self.targets, "last_good": self.last_good}
+            return {"targets": self.targets, "last_good": self.last_good,
+                    "challenger_weight": self.link.weights.get(self.cfg.model)}
         pinned = self.cfg.version is not None
         if not self.targets or (not pinned and time.monotonic() - self.asked >= self.cfg.follow.poll_interval_s):
             self.asked = time.monotonic()
             try:
                 self.targets = await asyncio.to_thread(self.resolve, self.cfg)
+                if self.cfg.challenger is not None:
+                    self.weight = await asyncio.to_thread(self.weigh, self.cfg)
             except NotFound:
                 raise
             except Exception as err:  # noqa: BLE001 - a registry outage must not stop the model; keep serving
                 logger.warning("Registry poll for %s failed, keeping %s: %s", self.cfg.model, self.targets, err)
-        return {"targets": self.targets, "last_good": self.last_good}
+        return {"targets": self.targets, "last_good": self.last_good, "challenger_weight": self.weight}
 
     async def _status(self) -> dict[str, Any]:
         if self.link is not None:
@@ -244,6 +252,9 @@ class ModelSet:
             versions = slot.core.versions
             held[name] = {"versions": {role: m.info.version for role, m in versions.models.items()},
                           "failures": dict(versions.failures)}
+            if slot.core.cfg.challenger is not None:  # what a canary of this model reads
+                held[name]["traffic"] = versions.traffic_report()
+                held[name]["challenger_weight"] = versions.challenger_weight
         return held
 
     def check_health(self) -> None:

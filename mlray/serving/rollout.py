@@ -119,9 +119,12 @@ class RegistryWatcher:
             self.shadow_agreed += int(record["agree"])
         return {"targets": self.targets, "last_good": self.last_good, "challenger_weight": self.challenger_weight}
 
-    def traffic(self) -> dict[str, Any]:
+    def traffic(self, model: str | None = None) -> dict[str, Any]:
         """Requests, 5xx errors and latency histogram per ``role:vN``, summed over every replica's last report
-        (cumulative: a replica that went away keeps its counts), with the weight each live replica applies."""
+        (cumulative: a replica that went away keeps its counts), with the weight each live replica applies.
+        ``model``, when given, must be the app's (a many-models app's watcher takes the same call)."""
+        if model is not None and model != self.cfg.model:
+            raise NotFound(f"model {model!r} is not served by this app; it serves {self.cfg.model!r}")
         return {"counts": merge([r.get("traffic", {}) for r in self.replicas.values()]),
                 "challenger_weight": self.challenger_weight,
                 "applied_weights": {k: r.get("challenger_weight") for k, r in self._live().items()}}
@@ -235,8 +238,11 @@ class Follower:
         shadow, self._shadow_out = self._shadow_out, []
         return {"replica": self.replica, "node": self.node, "pid": os.getpid(), "failures": dict(self.failures),
                 "shadow": shadow, "challenger_weight": self.challenger_weight,
-                "traffic": {key: counter.to_dict() for key, counter in self.traffic.items()},
+                "traffic": self.traffic_report(),
                 "versions": {role: m.info.version for role, m in self.models.items()}}
+
+    def traffic_report(self) -> dict[str, Any]:
+        return {key: counter.to_dict() for key, counter in self.traffic.items()}
 
     def record_shadow(self, record: dict[str, Any]) -> None:
         self._shadow_out.append(record)

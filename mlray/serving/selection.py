@@ -69,5 +69,5 @@ def expand(cfg: ServeAppConfig) -> ServeAppConfig:
         for model in with_alias:
             if model.name not in named:
                 named.add(model.name)
-                entries.append(ModelEntry(name=model.name, alias=entry.alias))
+                entries.append(ModelEntry(name=model.name, alias=entry.alias, challenger=entry.challenger))
     return cfg.model_copy(update={"models": entries})

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import DIGITS, deploy_app, register_copy
+from tests.conftest import DIGITS, deploy_app, register_champions, register_copy
 from tests.helpers import SteadyLoad, wait_for
 
 pytestmark = pytest.mark.integration
@@ -60,6 +60,19 @@ def app(trained, serve_port):
     serve.delete("pl")
 
 
+@pytest.fixture(scope="module")
+def fleet(app, trained, serve_port):
+    """`pl` again, inside a many-models app with its own challenger, next to `pl-other` (no challenger)."""
+    from ray import serve
+
+    other = register_champions(["pl-other"], trained)["pl-other"]
+    url = deploy_app("plfleet", {"models": [{"name": "pl", "challenger": {"alias": "challenger", "weight": 0.0}},
+                                            {"name": "pl-other"}], "max_models_per_replica": 2,
+                                 "follow": {"poll_interval_s": 1.0, "sync_interval_s": 0.5}}, port=serve_port)
+    yield url, other
+    serve.delete("plfleet")
+
+
 def _champion() -> int:
     from mlray.registry import get_version
 
@@ -83,7 +96,8 @@ def test_better_candidate_becomes_champion_after_a_kill_mid_canary(app, ray_clus
                                    env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             def one_weight_held() -> bool:
-                assert process.poll() is None, process.communicate()[0][-3000:]
+                if process.poll() is not None:  # pytest.fail is no Exception: wait_for does not retry it
+                    pytest.fail(f"the pipeline exited {process.returncode}:\n{process.communicate()[0][-3000:]}")
                 found = PipelineRecord.find("kill", experiment="pl-pipeline")
                 watch = found.steps.get("watch") if found else None
                 return bool(watch and watch.status == "running" and len(watch.outputs.get("stages", [])) == 1)
@@ -185,22 +199,32 @@ def test_candidate_failing_on_live_traffic_is_rolled_back(app, tmp_path, monkeyp
     assert app_status("pl")["targets"]["challenger"] is None
 
 
-def test_candidate_whose_compressed_variant_loses_accuracy_ships_uncompressed(app, tmp_path):
+def test_candidate_whose_compressed_variant_loses_accuracy_ships_uncompressed_in_a_many_models_app(fleet, tmp_path):
+    """The canary of one model of a many-models app: its entry's challenger takes the candidate, the weights
+    split that model's requests only, and the other model answers its one version throughout."""
     from mlray.pipeline import load_pipeline, parse_pipeline, run
     from mlray.registry import get_version
 
+    url, other = fleet
     path = _write_pipeline(tmp_path)
     raw = yaml.safe_load(path.read_text())
     # No accuracy may be lost, and 95 % of the weights are pruned: the variant cannot keep it.
     raw["compress"] = {"enabled": True, "method": "prune", "sparsity": 0.95, "tolerance": 0.0}
+    raw["app"] = "plfleet"
     cfg = parse_pipeline(raw)
     assert cfg.compress.enabled and load_pipeline(path).compress.enabled is False
-    with SteadyLoad(f"{app}/v1/models/pl:predict", row=ROW, threads=2, max_seconds=400, max_requests=200_000,
-                    pause_s=0.02) as load:
+    with SteadyLoad(f"{url}/v1/models/pl:predict", row=ROW, threads=2, max_seconds=400, max_requests=200_000,
+                    pause_s=0.02) as load, \
+            SteadyLoad(f"{url}/v1/models/pl-other:predict", row=ROW, threads=1, max_seconds=400,
+                       max_requests=200_000, pause_s=0.05) as bystander:
         result = run(cfg, pipeline_id="compress-refused")
     compressed = result.steps["compress"].outputs
     assert compressed["compressed"] is False and compressed["reason"], compressed
     candidate = int(result.steps["train"].outputs["version"])
     assert compressed["served_version"] == candidate  # the original shipped
-    assert result.outcome == "champion" and get_version("pl", alias="champion").version == candidate
-    assert load.failures() == []
+    assert result.outcome == "champion" and get_version("pl", alias="champion").version == candidate, result.reason
+    stages = result.steps["watch"].outputs["stages"]
+    assert [s["weight"] for s in stages] == [0.2, 0.5] and all(s["challenger"]["requests"] > 0 for s in stages)
+    assert load.failures() == [] and bystander.failures() == [], (load.failures()[:5], bystander.failures()[:5])
+    assert (str(candidate), "challenger") in {(version, role) for _, version, role in load.results}
+    assert {version for _, version, _ in bystander.results} == {str(other)}  # pl-other: untouched

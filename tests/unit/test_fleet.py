@@ -111,7 +111,8 @@ def test_followers_read_the_targets_the_heartbeat_brought_and_ask_the_registry_o
     report = {"replica": "r1", "versions": {}, "failures": {}}
 
     async def scenario() -> None:
-        assert await iris.sync.remote(report) == {"targets": {"champion": 9}, "last_good": {"champion": 8}}
+        assert await iris.sync.remote(report) == {"targets": {"champion": 9}, "last_good": {"champion": 8},
+                                                  "challenger_weight": None}
         assert (await wine.sync.remote(report))["targets"] == {"champion": 1}  # not in the link yet
         link.targets["iris"] = {"champion": 10}  # the next heartbeat: iris's alias moved
         assert (await iris.sync.remote(report))["targets"] == {"champion": 10}
@@ -162,16 +163,75 @@ def test_a_replica_reports_the_models_it_holds_with_their_versions_not_those_it_
     assert list(held) == ["iris"] and held["iris"]["versions"] == {"champion": 3} and held["iris"]["failures"] == {}
 
 
-def test_a_pipeline_canary_on_a_many_models_app_is_refused_naming_its_models():
-    """`mlray pipeline run` deploys its candidate as the app's challenger: an app of many models has none to
-    take (a challenger per model is not built), so the deploy step says so rather than failing on a missing key."""
+def _canary_state() -> FleetState:
+    """iris with a challenger (a canary of iris alone); wine without."""
+    cfg = ServeAppConfig.model_validate({"models": [{"name": "iris", "challenger": {"alias": "challenger"}},
+                                                    {"name": "wine"}]})
+    state = FleetState({str(e.name): cfg.for_model(e) for e in cfg.entries}, max_models_per_replica=2, horizon_s=5)
+    state.set_targets("iris", {"champion": 3, "challenger": 4}, now=0)
+    state.set_weight("iris", 0.25, now=0)
+    state.set_targets("wine", {"champion": 7}, now=0)
+    return state
+
+
+def _counts(requests: int, errors: int = 0) -> dict:
+    return {"requests": requests, "errors": errors, "buckets": [requests] + [0] * 15}
+
+
+def test_each_model_has_its_own_challenger_weight_and_traffic_summed_over_replicas():
+    from mlray.serving.traffic import BOUNDARIES_S
+
+    state = _canary_state()
+    width = len(BOUNDARIES_S) + 1
+
+    def held(champion: int, challenger: int, weight: float | None) -> dict:
+        counts = {"champion:v3": {**_counts(champion), "buckets": [champion] + [0] * (width - 1)},
+                  "challenger:v4": {**_counts(challenger, 1), "buckets": [challenger] + [0] * (width - 1)}}
+        return {"versions": {"champion": 3, "challenger": 4}, "failures": {}, "traffic": counts,
+                "challenger_weight": weight}
+
+    answer = state.record({"replica": "r1", "held": {"iris": held(90, 10, 0.25), "wine": {
+        "versions": {"champion": 7}, "failures": {}}}, "failures": {}}, now=1)
+    assert answer["weights"] == {"iris": 0.25}  # the heartbeat brings each model's weight
+    state.record({"replica": "r2", "held": {"iris": held(60, 40, 0.5)}, "failures": {}}, now=1)
+    iris = state.traffic("iris", now=2)
+    assert iris["counts"]["champion:v3"]["requests"] == 150 and iris["counts"]["challenger:v4"]["errors"] == 2
+    assert iris["challenger_weight"] == 0.25 and iris["applied_weights"] == {"r1": 0.25, "r2": 0.5}
+    assert state.traffic("wine", now=2) == {"counts": {}, "challenger_weight": None, "applied_weights": {"r1": None}}
+    assert list(state.traffic("iris", now=9)["applied_weights"]) == []  # both silent past the horizon
+    with pytest.raises(NotFound, match="'churn' is not served by this app"):
+        state.traffic("churn", now=2)
+    state.set_weight("iris", 1.0, now=3)
+    assert state.events[-1]["message"] == "iris: challenger weight 0.25 -> 1.0"
+
+
+def test_a_challenger_belongs_to_one_model_entry_in_a_many_models_app():
+    cfg = ServeAppConfig.model_validate({"models": [{"name": "iris", "challenger": {"weight": 0.3}}, {"name": "wine"}]})
+    iris, wine = (cfg.for_model(e) for e in cfg.entries)
+    assert iris.challenger is not None and iris.challenger.weight == 0.3 and wine.challenger is None
+    single = ServeAppConfig.model_validate({"model": "digits", "challenger": {"mode": "shadow"}})
+    assert single.for_model(single.entries[0]).challenger == single.challenger  # one model keeps the app's own
+    with pytest.raises(ValueError, match="put it under the model's entry"):
+        ServeAppConfig.model_validate({"models": [{"name": "iris"}], "challenger": {}})
+    with pytest.raises(ValueError, match=r"models\['iris'\].challenger.mode 'shadow'.*needs an app of one model"):
+        ServeAppConfig.model_validate({"models": [{"name": "iris", "challenger": {"mode": "shadow"}}]})
+    with pytest.raises(ValueError, match=r"models\['iris'\].challenger.alias 'prod' is the model's own alias"):
+        ServeAppConfig.model_validate({"models": [{"name": "iris", "alias": "prod", "challenger": {"alias": "prod"}}]})
+
+
+def test_a_pipeline_canary_needs_its_model_served_with_a_challenger():
+    """`mlray pipeline run` deploys its candidate as its model's challenger: in a many-models app the model must
+    be served and its entry must have a challenger; the deploy step says which is missing."""
     from mlray.errors import ConfigError
     from mlray.pipeline.steps import require_canary_app
 
-    status = _state().status(now=1)
-    served = r"'fleet' serves 3 models \(\['churn', 'iris', 'wine'\]\); a canary runs on an app that serves one model"
-    with pytest.raises(ConfigError, match=served):
-        require_canary_app(status, app="fleet", alias="challenger")
+    status = _canary_state().status(now=1)
+    require_canary_app(status, app="fleet", alias="challenger", model="iris")
+    with pytest.raises(ConfigError, match=r"'fleet' serves 'wine' without a challenger; give its entry"):
+        require_canary_app(status, app="fleet", alias="challenger", model="wine")
+    with pytest.raises(ConfigError, match=r"'fleet' does not serve 'churn'; it serves \['iris', 'wine'\]"):
+        require_canary_app(status, app="fleet", alias="challenger", model="churn")
     with pytest.raises(ConfigError, match="'digits' has no challenger section"):
-        require_canary_app({"targets": {"champion": 1}}, app="digits", alias="challenger")
-    require_canary_app({"targets": {"champion": 1, "challenger": None}}, app="digits", alias="challenger")
+        require_canary_app({"targets": {"champion": 1}}, app="digits", alias="challenger", model="digits")
+    require_canary_app({"targets": {"champion": 1, "challenger": None}}, app="digits", alias="challenger",
+                       model="digits")
