@@ -224,10 +224,21 @@ class ModelSet:
     async def answer(self, call: Call) -> Answer:
         if "name" not in call.params and call.route.predict is None:
             return self._server(call)
-        body, headers = await (await self.core_for(self.name_of(call))).answer(call)
+        name = self.name_of(call)
+        cold = self.many and not self._holds(name)
+        started = time.perf_counter()
+        core = await self.core_for(name)
+        waited_s = time.perf_counter() - started
+        body, headers = await core.answer(call)
         if self.many:
             headers["x-models-loaded"] = str(self.held())
+            if cold:  # it waited for its model's load (W3C Server-Timing): what a client or a bench tells apart
+                headers["server-timing"] = f"load;dur={waited_s * 1000:.1f}"
         return body, headers
+
+    def _holds(self, name: str) -> bool:
+        slot = self.recent.get(name)
+        return slot is not None and not (slot.task is not None and slot.task.done())
 
     def _server(self, call: Call) -> Answer:
         """The routes about the server, not a model."""

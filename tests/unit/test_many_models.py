@@ -107,6 +107,31 @@ def test_a_cold_load_past_its_timeout_is_503_with_retry_after_and_then_serves():
     asyncio.run(scenario())
 
 
+def test_an_answer_that_waited_for_its_models_load_says_how_long_in_server_timing():
+    cfg = _models(["iris", "wine"], max_models_per_replica=1)
+    loader = Loader(cfg, delay_s=0.05)
+    lru: dict[str, Slot] = {}  # Serve's multiplexing holds the slot it loaded; the ModelSet only weakly
+
+    async def open_slot(name: str) -> Slot:
+        if name not in lru:
+            lru.clear()  # one model per replica: the other one is evicted
+            lru[name] = await loader(name)
+        return lru[name]
+
+    async def scenario() -> None:
+        models = ModelSet(cfg, open_slot=open_slot, held=lambda: len(lru))
+        await models.start()  # iris pre-warmed
+        _, _, held = await _answer(models, _call("POST", "/v1/models/iris:predict", {"instances": [ROW]}))
+        assert "server-timing" not in held
+        status, _, cold = await _answer(models, _call("POST", "/v1/models/wine:predict", {"instances": [ROW]}))
+        assert status == 200 and cold["server-timing"].startswith("load;dur=")
+        assert float(cold["server-timing"].removeprefix("load;dur=")) >= 50  # the 0.05-s load
+        _, _, again = await _answer(models, _call("POST", "/v1/models/wine:predict", {"instances": [ROW]}))
+        assert "server-timing" not in again
+
+    asyncio.run(scenario())
+
+
 def test_a_model_that_cannot_load_is_its_own_503_and_the_others_serve():
     cfg = _models(["iris", "pickled"])
     loader = Loader(cfg, broken=("pickled",))
@@ -145,7 +170,7 @@ def test_one_model_is_the_simple_case():
     ({"models": [{"name": "a"}, {"name": "a"}]}, "models lists 'a' more than once"),
     ({"models": [{"name": "a", "alias": "x", "version": 2}]}, "give alias ('x') or version (2), not both"),
     ({"models": [{"name": "a/b"}]}, "should match pattern"),
-    ({"models": [{"name": "a"}], "challenger": {}}, "challenger is for one model"),
+    ({"models": [{"name": "a"}], "challenger": {}}, "challenger: in a many-models app each model has its own"),
 ])
 def test_app_settings_name_what_is_wrong(settings, message):
     with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
