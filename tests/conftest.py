@@ -62,8 +62,31 @@ def ray_cluster(mlray_home: str):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        _no_ray_left_behind()
         if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" in serve_env:
             shutil.rmtree(Path(serve_env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent, ignore_errors=True)
+
+
+def _no_ray_left_behind(timeout_s: float = 60.0) -> None:
+    """After the session's cluster shut down no Ray process may stay (the suite leaves nothing running). One
+    that outlives ``timeout_s`` is named in a warning, so the run's log says what leaked, and killed."""
+    import signal
+    import time
+    import warnings
+
+    from tests.helpers import ray_processes
+
+    deadline = time.monotonic() + timeout_s
+    while (left := ray_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if left:
+        warnings.warn(f"Ray processes outlived the test cluster by {timeout_s:.0f} s; killed: {left[:10]}",
+                      stacklevel=1)
+        for line in left:
+            try:
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,10 @@ def docs(tmp_path_factory: pytest.TempPathFactory):
         yield DocsSession(shell, output)
     finally:
         stopped = shell.run(f'cd "{ROOT}"\n{TEARDOWN}', timeout=300)  # a page may have left the shell elsewhere
-        wait_for(lambda: not ray_processes(), timeout=120, what="every Ray process gone after `make down`")
+        try:
+            wait_for(lambda: not ray_processes(), timeout=120, what="every Ray process gone after `make down`")
+        except TimeoutError as err:
+            raise TimeoutError(f"{err}; still running: {ray_processes()[:10]}") from None
         if saved.exists():
             shutil.rmtree(state, ignore_errors=True)
             saved.rename(state)
