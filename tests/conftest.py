@@ -9,6 +9,7 @@ several nodes add and remove nodes on it) and one trained digits model.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -45,6 +46,7 @@ def ray_cluster(mlray_home: str):
     # The Serve settings of the heads mlray starts (HAProxy ingress with its retries, throughput mode, private
     # HAProxy files): the serving tests run what users get. Serve reads them when its processes start, and
     # the nodes that tests add later inherit this process's environment too.
+    session_started = time.time()
     serve_env = serve_head_env(Path(mlray_home))
     os.environ.update(serve_env)
     # With its dashboard, as every cluster mlray starts: Ray Train frees a stopped Tune trial's CPUs once the
@@ -62,22 +64,34 @@ def ray_cluster(mlray_home: str):
     finally:
         ray.shutdown()
         cluster.shutdown()
-        _no_ray_left_behind()
+        _no_ray_left_behind(since=session_started)
         if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" in serve_env:
             shutil.rmtree(Path(serve_env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent, ignore_errors=True)
 
 
-def _no_ray_left_behind(timeout_s: float = 60.0) -> None:
-    """After the session's cluster shut down no Ray process may stay (the suite leaves nothing running). One
-    that outlives ``timeout_s`` is named in a warning, so the run's log says what leaked, and killed."""
+def _no_ray_left_behind(since: float, timeout_s: float = 60.0) -> None:
+    """After the session's cluster shut down no Ray process the session started may stay (the suite leaves
+    nothing running). One that outlives ``timeout_s`` is named in a warning, so the run's log says what leaked,
+    and killed. Ray processes that were running before ``since`` (a developer's own head) are not touched."""
     import signal
-    import time
     import warnings
+
+    import psutil
 
     from tests.helpers import ray_processes
 
+    def ours() -> list[str]:
+        found = []
+        for line in ray_processes():
+            try:
+                if psutil.Process(int(line.split()[0])).create_time() >= since - 2:  # /proc btime: whole seconds
+                    found.append(line)
+            except (psutil.NoSuchProcess, ValueError):
+                pass
+        return found
+
     deadline = time.monotonic() + timeout_s
-    while (left := ray_processes()) and time.monotonic() < deadline:
+    while (left := ours()) and time.monotonic() < deadline:
         time.sleep(0.5)
     if left:
         warnings.warn(f"Ray processes outlived the test cluster by {timeout_s:.0f} s; killed: {left[:10]}",
