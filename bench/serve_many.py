@@ -7,14 +7,19 @@ mlray's Serve settings; each app gets 2 replicas and is measured alone:
 
 - ``single``: ``model: digits`` (the baseline);
 - ``8 models``: ``models:`` tiny-00..07, round-robin; every replica pre-warms all 8 (all loaded);
-- ``20 models``: tiny-00..19 with ``max_models_per_replica: 8``, round-robin: loads and evictions on the path.
+- ``12 models``: tiny-00..11 with ``max_models_per_replica: 8``: more than a replica keeps, fewer than the two
+  keep together. With model affinity (the default) each replica claims up to 8 and HAProxy sends a claimed
+  model's requests to its replica; ``no affinity`` (``model_affinity: false``) is HAProxy's balancing alone, the
+  baseline of the same run;
+- ``20 models``: tiny-00..19 with ``max_models_per_replica: 8``, round-robin: more than both replicas keep, so
+  loads and evictions stay on the path; with and without affinity.
 
 Clients: ``--clients`` Python threads at nice 15 (as Ray's workers), single-row V1 requests, each run
 ``--seconds`` long, rounds alternating single / 8 / 20 so that all see the same machine. Cold loads: an app of
 three flavours with ``max_models_per_replica: 1``, where each first request loads its model (download, hash
 check, load, warm-up) after evicting the previous one.
 
-    python bench/serve_many.py                 # ~4 min
+    python bench/serve_many.py                 # ~8 min
     python bench/serve_many.py --rounds 3 --seconds 15
 """
 
@@ -150,6 +155,11 @@ def main() -> None:
     row = model["rows"][0]
     apps = {"single": ({"model": "digits"}, ["digits"]),
             "8 models": ({"models": [{"name": n} for n in NAMES[:8]]}, NAMES[:8]),
+            "12 models, no affinity": ({"models": [{"name": n} for n in NAMES[:12]], "max_models_per_replica": 8,
+                                        "model_affinity": False}, NAMES[:12]),
+            "12 models": ({"models": [{"name": n} for n in NAMES[:12]], "max_models_per_replica": 8}, NAMES[:12]),
+            "20 models, no affinity": ({"models": [{"name": n} for n in NAMES], "max_models_per_replica": 8,
+                                        "model_affinity": False}, NAMES),
             "20 models": ({"models": [{"name": n} for n in NAMES], "max_models_per_replica": 8}, NAMES)}
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in apps}
     try:

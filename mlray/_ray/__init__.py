@@ -6,10 +6,13 @@ the installed Ray differs or when the item finds nothing to act on:
 
 - :mod:`mlray._ray.env`: every ``RAY_TRAIN_*`` / ``RAY_SERVE_*`` environment knob mlray sets.
 - :mod:`mlray._ray.haproxy`: the wrapper around Serve's HAProxy binary and its rewrite rules for the
-  config Ray renders (loopback binds, the prediction routes' header, no per-request log line).
+  config Ray renders (loopback binds, the prediction routes' header, no per-request log line, a stick
+  table per app for model affinity).
 - :mod:`mlray._ray.auth`: token auth for the local head (mlray's token, mode 0600), the venv hook through
   which Ray's CLIs find it, and re-reading Ray's config in a process that imported Ray first.
 - :mod:`mlray._ray.agent`: lowering the priority of this node's Ray metrics agent (opt-in).
+- :mod:`mlray._ray.multiplex`: what a replica's LRU of models (``serve.multiplexed``) holds, and which one
+  it evicts next (model affinity makes an unclaimed model the first out).
 - :mod:`mlray._ray.onewrite`: a replica's uvicorn (Serve's direct ingress) sends each answer's head and
   body in one write, so a replica killed mid-answer sends nothing HAProxy cannot replay.
 

@@ -18,6 +18,12 @@ rendered file, then runs the real binary:
   before it answers is not retried (``retry-on empty-response``): HAProxy closes the client's keep-alive
   connection without an answer and without a log line (``http.client`` reads a ``RemoteDisconnected``; seen
   with HAProxy's access log on in tests/faults/test_serving_faults.py's SIGKILL and node-removal tests).
+- ``model-affinity``: a stick table in each app's backend, keyed by the model a request names (the
+  ``x-mlray-model`` header, else the name in ``/v1/models/NAME...`` or ``/v2/models/NAME/...``) and learnt
+  from answers: an answer with ``x-mlray-affinity: NAME`` sends that model's next requests to the replica
+  that gave it, while it is up. Only a many-models app whose models outnumber what one replica keeps sends
+  the header (mlray/serving/multi.py), so every other app is balanced as before. The table starts empty
+  on each reload (no ``peers``), when Serve changes the replicas.
 - ``reload-keeps-idle`` (a check; nothing to rewrite in Ray 2.60): Serve reloads HAProxy on every change of
   replicas, and the old process must not close its idle keep-alive connections, or a client sending on one
   at that instant loses its request. It keeps them and answers their next request with ``Connection:
@@ -88,6 +94,21 @@ NO_ACCESS_LOG = r"""  mark='{mark}'
 """.replace("{mark}", NO_ACCESS_LOG_MARK)
 
 
+AFFINITY_MARK = "# mlray: requests for a model to the replica that claims it (mlray/_ray/haproxy.py)"
+AFFINITY_LINES = (
+    f"stick-table type string len 128 size 10k expire 30m  {AFFINITY_MARK}",
+    "stick match req.hdr(x-mlray-model)",
+    "stick match path,regsub(^.*/models/,),regsub([:/].*$,) if { path_sub /models/ }",
+    "stick store-response res.hdr(x-mlray-affinity)",
+)
+# After every backend line but Ray's 404 backend; the mark keeps a rewritten config from getting it twice.
+MODEL_AFFINITY = r"""  grep -qF '{mark}' "$cfg" || {{
+    awk '{{ print }} /^backend / && $2 != "default_backend" {{ {prints} }}' "$cfg" > "$cfg.mlray" &&
+    cat "$cfg.mlray" > "$cfg" && rm -f "$cfg.mlray"; }}
+  grep -qF '{mark}' "$cfg" || warn model-affinity
+""".format(mark=AFFINITY_MARK, prints=" ".join(f'print "    {line}";' for line in AFFINITY_LINES))
+
+
 @dataclass(frozen=True)
 class Rule:
     """One rewrite, and how to tell it took effect in a rewritten config."""
@@ -116,6 +137,18 @@ def _buffers_requests(text: str, *_: int) -> bool:
     return re.search(r"^\s*option\s+http-buffer-request\b", _frontend(text), re.M) is not None
 
 
+def _backends(text: str) -> dict[str, str]:
+    """Each backend's section, by name."""
+    parts = re.split(r"^backend\s+(\S+)\s*$", text, flags=re.M)
+    return {name: re.split(r"^(?:frontend|listen|defaults|global|peers)\b", body, maxsplit=1, flags=re.M)[0]
+            for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def _sticks_models(text: str, *_: int) -> bool:
+    apps = [body for name, body in _backends(text).items() if name != "default_backend"]
+    return bool(apps) and all(all(line in body for line in AFFINITY_LINES) for body in apps)
+
+
 def _keeps_idle_on_reload(text: str, *_: int) -> bool:
     hard_stop, keep_alive = _seconds(text, "hard-stop-after"), _seconds(text, "timeout http-keep-alive")
     return (re.search(r"^\s*option\s+idle-close-on-response\s*$", text, re.M) is not None
@@ -129,6 +162,7 @@ RULES = {
     "buffer-request": Rule("buffer-request", _buffers_requests),
     "prediction-header": Rule("prediction-header", lambda text, *_: PREDICTION_RULE in _frontend(text)),
     "no-access-log": Rule("no-access-log", lambda text, *_: NO_ACCESS_LOG_MARK in _frontend(text)),
+    "model-affinity": Rule("model-affinity", _sticks_models),
 }
 
 
@@ -143,7 +177,7 @@ def drops_access_log() -> bool:
 
 def active_rules() -> list[Rule]:
     """The rules the wrapper applies in this environment."""
-    rules = [RULES["loopback-binds"], RULES["reload-keeps-idle"], RULES["buffer-request"]]
+    rules = [RULES["loopback-binds"], RULES["reload-keeps-idle"], RULES["buffer-request"], RULES["model-affinity"]]
     if os.environ.get("MLRAY_SERVE_CANCEL_ON_DISCONNECT") != "1":
         rules.append(RULES["prediction-header"])
     if drops_access_log():
@@ -165,6 +199,7 @@ def write_wrapper(path: Path) -> Path:
     frontend = "".join(rules.get(rule.name, "") for rule in active_rules())
     if frontend:
         frontend = FRONTEND_CHECK + frontend
+    frontend += MODEL_AFFINITY  # the backends
     path.write_text(WRAPPER.format(written_for=WRITTEN_FOR, stats=DEFAULT_STATS_PORT, metrics=DEFAULT_METRICS_PORT,
                                    frontend_rules=frontend, real=bundled_binary()))
     path.chmod(path.stat().st_mode | stat.S_IXUSR)

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request, Response
 from ray import serve
 from starlette.convertors import StringConvertor, register_url_convertor
 
+from mlray._ray import multiplex
 from mlray._ray.agent import lower_metrics_agent_priority
 from mlray._ray.onewrite import write_answers_whole
 from mlray.errors import ModelLoadError
@@ -214,8 +215,8 @@ class ModelServer:
                 return await self._open_slot(model_id)
 
             open_slot = serve.multiplexed(max_num_models_per_replica=self.cfg.max_models_per_replica)(load)
-            self.models = ModelSet(self.cfg, open_slot=open_slot,
-                                   held=lambda: len(getattr(load, "__serve_multiplex_wrapper").models))
+            self.models = ModelSet(self.cfg, open_slot=open_slot, held=lambda: multiplex.held(load),
+                                   evict_first=lambda name: multiplex.evict_first(load, name))
         else:
             self.models = ModelSet(self.cfg, open_slot=self._open_slot)
         if self.link is not None:

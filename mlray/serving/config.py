@@ -148,6 +148,10 @@ class ServeAppConfig(_Section):
     model: str = Field(default="", description="registered model name (one model; or list them in models)")
     models: list[ModelEntry] = Field(default_factory=list, description="many models in one app, routed by name")
     max_models_per_replica: int = Field(default=8, ge=1, description="models a replica keeps loaded (LRU)")
+    model_affinity: bool = Field(
+        default=True,
+        description="when the models outnumber max_models_per_replica, each replica claims up to one fewer and the "
+                    "HAProxy ingress sends a claimed model's requests to its replica (false: balance every request)")
     cold_load_timeout_s: float = Field(default=30.0, gt=0, description="a request for a model no replica holds "
                                                                        "waits this long for its load, then 503")
     alias: str | None = "champion"

@@ -87,12 +87,17 @@ class FleetState:
         self.replicas[replica] = {**report, "seen": now}
         return {"targets": self.targets, "last_good": self.last_good, "weights": self.weights}
 
+    def known(self, name: str | None) -> str:
+        """``name``, or NotFound naming the app's models."""
+        if name is None or name not in self.cfgs:
+            raise NotFound(f"model {name!r} is not served by this app; it serves {sorted(self.cfgs)}")
+        return name
+
     def traffic(self, name: str, *, now: float) -> dict[str, Any]:
         """``name``'s requests, 5xx and latency per ``role:vN``, summed over every replica's last report (one
         that went away keeps its counts; a replica that evicts the model starts its counts again), and the
         challenger weight each live replica holding it applies."""
-        if name not in self.cfgs:
-            raise NotFound(f"model {name!r} is not served by this app; it serves {sorted(self.cfgs)}")
+        self.known(name)
         held = {replica: r["held"][name] for replica, r in self.replicas.items() if name in r["held"]}
         live = self.live(now)
         return {"counts": merge([h.get("traffic", {}) for h in held.values()]),
@@ -119,8 +124,7 @@ class FleetState:
                    for role, version in targets.items() if version is not None)
 
     def model_status(self, name: str, *, now: float) -> dict[str, Any]:
-        if name not in self.cfgs:
-            raise NotFound(f"model {name!r} is not served by this app; it serves {sorted(self.cfgs)}")
+        self.known(name)
         cfg = self.cfgs[name]
         live = self.live(now)
         on_replicas = {replica: {**self._on_replica(name, r), "seen_s_ago": round(now - r["seen"], 1),
@@ -215,8 +219,7 @@ class ModelsWatcher:
     async def check_now(self, timeout_s: float = 60.0, model: str | None = None) -> dict[str, Any]:
         """``mlray rollout NAME --app APP``: ask the registry about ``model`` now and wait until every live
         replica holding it has acted (moved, or failed to)."""
-        if model is None or model not in self.state.cfgs:
-            raise NotFound(f"model {model!r} is not served by this app; it serves {sorted(self.state.cfgs)}")
+        model = self.state.known(model)
         await self.refresh(model)
         started = time.time()
         await asyncio.sleep(2 * self.cfg.follow.sync_interval_s)  # a heartbeat brings the targets, a follower acts

@@ -12,9 +12,14 @@ in the URL (``/v1/models/{name}:predict``, ``/v2/models/{name}/infer``) or, for 
   replica holds which model: a client that sends ``serve_multiplexed_model_id: NAME`` is routed to a
   replica that already holds it. Each replica pre-warms the listed models up to that bound. A request for a
   model the replica does not hold waits for its load up to ``cold_load_timeout_s``, then gets 503 with
-  Retry-After (the load goes on). Each model's alias is followed by a :class:`LocalWatcher` in the replica,
-  which reads the targets the replica's :class:`FleetLink` heartbeat brings from the app's
-  :class:`~mlray.serving.fleet.ModelsWatcher` (and asks the registry itself while that cannot be reached).
+  Retry-After (the load goes on). When the app lists more models than one replica keeps, a replica claims
+  up to one fewer than that of the models it serves (``x-mlray-affinity: NAME`` on the answer;
+  :meth:`ModelSet.claim`) and the HAProxy ingress sends that model's next requests to it (a stick table that
+  mlray/_ray/haproxy.py adds to each backend): requests for a model go to the replica that holds it, where
+  HAProxy alone would spread them and every replica would load every model. Each model's alias is followed
+  by a :class:`LocalWatcher` in the replica, which reads the targets the replica's :class:`FleetLink`
+  heartbeat brings from the app's :class:`~mlray.serving.fleet.ModelsWatcher` (and asks the registry itself
+  while that cannot be reached).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from mlray.serving.protocols import Answer
 logger = logging.getLogger(__name__)
 
 MODEL_HEADER = "x-mlray-model"
+AFFINITY_HEADER = "x-mlray-affinity"  # HAProxy's stick table learns model -> this replica from it
+CLAIM_IDLE_S = 60.0  # a claim not used this long lapses (ModelSet.claim)
 SERVE_MODEL_HEADER = "serve_multiplexed_model_id"
 _SERVER_ROUTES: dict[str, dict[str, Any]] = {"ok": {"status": "ok"}, "live_v2": {"live": True}}
 
@@ -152,7 +159,8 @@ class ModelSet:
     """The models of one replica, by name; answers every route (see the module's docstring)."""
 
     def __init__(self, cfg: ServeAppConfig, *, open_slot: Callable[[str], Awaitable[Slot]],
-                 held: Callable[[], int] = lambda: 0) -> None:
+                 held: Callable[[], int] = lambda: 0,
+                 evict_first: Callable[[str], None] = lambda name: None) -> None:
         self.cfg = cfg
         assert not any(entry.selects for entry in cfg.entries), "tag and pattern entries are expanded at deploy"
         self.names = [str(entry.name) for entry in cfg.entries]
@@ -161,9 +169,13 @@ class ModelSet:
         self.max_body_bytes = cfg.max_body_bytes
         self.open_slot = open_slot  # name -> Slot; for many models, serve.multiplexed's LRU getter
         self.held = held
+        self.evict_first = evict_first  # name -> the next model the LRU evicts (mlray._ray.multiplex)
         self.pinned: dict[str, Slot] = {}  # one model: loaded at start, never evicted
         # many models: the slots still held (weak: an evicted model's memory goes with Serve's reference)
         self.recent: weakref.WeakValueDictionary[str, Slot] = weakref.WeakValueDictionary()
+        # many models, more than a replica keeps: the ones this replica claims (their requests come here)
+        self.claims: dict[str, float] = {}  # name -> when last served here (time.monotonic())
+        self.affine = self.many and cfg.model_affinity and len(self.names) > cfg.max_models_per_replica
         self.failures: dict[str, str] = {}
         self._failed_at: dict[str, float] = {}
         self.started = False
@@ -234,7 +246,33 @@ class ModelSet:
             headers["x-models-loaded"] = str(self.held())
             if cold:  # it waited for its model's load (W3C Server-Timing): what a client or a bench tells apart
                 headers["server-timing"] = f"load;dur={waited_s * 1000:.1f}"
+            if self.affine:
+                if self.claim(name):
+                    headers[AFFINITY_HEADER] = name
+                else:  # a model no replica has room to claim: the first out, so that the claimed ones stay
+                    self.evict_first(name)
         return body, headers
+
+    def claim(self, name: str) -> bool:
+        """Whether this replica claims ``name``'s requests (HAProxy then sends them here, mlray/_ray/haproxy.py).
+
+        It claims up to ``max_models_per_replica - 1`` models (one, if it keeps one), first come, so that what
+        HAProxy sends it fits in what it keeps once every model has its replica, with one place left for the
+        models no replica has room to claim: those are balanced as without affinity, and the least recently
+        used model the replica evicts for them is then one of them, not a claimed one: an unclaimed model is
+        made the next one out once answered (:meth:`answer`). A claim stays while the model is asked for here,
+        loaded or evicted, and lapses after ``CLAIM_IDLE_S`` unused (its requests go to another replica now:
+        HAProxy reloaded, when Serve added or removed a replica)."""
+        now = time.monotonic()
+        if name in self.claims:
+            self.claims[name] = now
+            return True
+        for stale in [model for model, used in self.claims.items() if now - used > CLAIM_IDLE_S]:
+            del self.claims[stale]
+        if len(self.claims) < max(1, self.cfg.max_models_per_replica - 1):
+            self.claims[name] = now
+            return True
+        return False
 
     def _holds(self, name: str) -> bool:
         slot = self.recent.get(name)

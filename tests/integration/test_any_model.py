@@ -2,7 +2,8 @@
 module) served next to an mlray model from one app (a),
 a pickle refused without allow_pickle and tampered files refused while the others serve (d), the
 signature's own errors as 4xx and a name not served as 404 (e), and 20 models on 2 replicas of at most 8
-under round-robin load, one alias moved meanwhile (b, c at reduced scale)."""
+under round-robin load, one alias moved meanwhile (b, c at reduced scale); requests for a model go to the
+replica that holds it when the models outnumber what one replica keeps (the HAProxy stick table)."""
 
 from __future__ import annotations
 
@@ -206,3 +207,33 @@ def test_twenty_models_on_two_replicas_of_at_most_eight_one_alias_moved(trained,
         assert all(r[2] == str(first[r[0]]) for r in later if r[0] != names[0])  # the others kept theirs
     finally:
         serve.delete("fleet")
+
+
+def test_each_models_requests_go_to_the_replica_that_holds_it_when_one_replica_cannot_keep_them_all(
+        trained, serve_port):
+    """5 models on 2 replicas of at most 3: without affinity HAProxy alternates replicas, each sees all 5 in
+    turn and its LRU of 3 loads on nearly every request. With it each replica claims 2 (one place kept for
+    the fifth, which both serve), and after three rounds no request waits for a load (``Server-Timing``)."""
+    from ray import serve
+
+    names = [f"aff-{i}" for i in range(5)]
+    register_champions(names, trained)
+    url = deploy_app("affine", {"models": [{"name": n} for n in names], "max_models_per_replica": 3},
+                     port=serve_port, options={"num_replicas": 2})
+    try:
+        answers = []
+        with requests.Session() as session:
+            for i in range(len(names) * 12):
+                name = names[i % len(names)]
+                r = session.post(f"{url}/v1/models/{name}:predict", json={"instances": [[0.0] * 64]}, timeout=60)
+                answers.append((name, r.status_code, r.headers.get("server-timing"), r.headers.get("x-mlray-affinity"),
+                                int(r.headers.get("x-models-loaded", "0"))))
+        assert all(status == 200 for _, status, *_ in answers), answers
+        assert max(held for *_, held in answers) <= 3
+        later = answers[len(names) * 3:]  # three rounds to settle: a model's first answers come from either replica
+        assert [a for a in later if a[2] is not None] == [], later  # no request after that waited for a load
+        claimed = {name for name, _, _, claim, _ in later if claim == name}
+        assert len(claimed) == 4, later  # 2 replicas x (3 - 1)
+        assert all(claim in (None, name) for name, _, _, claim, _ in later), later
+    finally:
+        serve.delete("affine")

@@ -16,7 +16,7 @@ from mlray.serving import routes
 from mlray.serving.config import ServeAppConfig
 from mlray.serving.core import Call, PredictionCore
 from mlray.serving.http import render_error
-from mlray.serving.multi import MODEL_HEADER, ModelSet, Slot
+from mlray.serving.multi import AFFINITY_HEADER, MODEL_HEADER, ModelSet, Slot
 from tests.unit.serving_app import FEATURES, Versions, served_model
 
 ROW = [1.0] * len(FEATURES)
@@ -128,6 +128,60 @@ def test_an_answer_that_waited_for_its_models_load_says_how_long_in_server_timin
         assert float(cold["server-timing"].removeprefix("load;dur=")) >= 50  # the 0.05-s load
         _, _, again = await _answer(models, _call("POST", "/v1/models/wine:predict", {"instances": [ROW]}))
         assert "server-timing" not in again
+
+    asyncio.run(scenario())
+
+
+def test_a_replica_claims_one_fewer_than_it_keeps_evicts_unclaimed_models_first_and_lets_an_idle_claim_lapse(
+        monkeypatch):
+    """The affinity header HAProxy's stick table learns from: only where the models outnumber what a replica
+    keeps; at most max_models_per_replica - 1 claims, first come (one place for the unclaimed models, which
+    are made the first out so that loading them never evicts a claimed one); a claim unused for
+    CLAIM_IDLE_S lapses."""
+    from collections import OrderedDict
+
+    from mlray.serving import multi
+
+    cfg = _models(["a", "b", "c", "d"], max_models_per_replica=3)
+    lru: OrderedDict[str, Slot] = OrderedDict()  # Serve's LRU of 3 (least recently used first), held weakly
+
+    async def open_slot(name: str) -> Slot:
+        if name not in lru:
+            if len(lru) == 3:
+                lru.popitem(last=False)
+            lru[name] = await Loader(cfg)(name)
+        lru.move_to_end(name)
+        return lru[name]
+
+    def evict_first(name: str) -> None:
+        lru.move_to_end(name, last=False)
+
+    async def claimed(models: ModelSet, name: str) -> str | None:
+        status, _, headers = await _answer(models, _call("POST", f"/v1/models/{name}:predict", {"instances": [ROW]}))
+        assert status == 200
+        return headers.get(AFFINITY_HEADER)
+
+    async def scenario() -> None:
+        models = ModelSet(cfg, open_slot=open_slot, held=lambda: len(lru), evict_first=evict_first)
+        await models.start()  # a, b and c pre-warmed
+        assert await claimed(models, "a") == "a" and await claimed(models, "b") == "b"
+        assert await claimed(models, "c") is None  # two claims already: served, not claimed, first out
+        assert await claimed(models, "d") is None
+        assert list(lru) == ["d", "a", "b"]  # d's load evicted c, not a (the least recently used)
+        assert await claimed(models, "c") is None
+        assert list(lru) == ["c", "a", "b"] and await claimed(models, "a") == "a"  # the claimed ones stay
+        assert set(models.claims) == {"a", "b"}
+        monkeypatch.setattr(multi, "CLAIM_IDLE_S", 0.0)  # b and a unused since: their claims lapse
+        await asyncio.sleep(0.01)
+        assert await claimed(models, "d") == "d"
+        assert set(models.claims) == {"d"}
+        monkeypatch.setattr(multi, "CLAIM_IDLE_S", 60.0)
+
+        few = ModelSet(_models(["a", "b"], max_models_per_replica=2), open_slot=open_slot)
+        await few.start()
+        assert await claimed(few, "a") is None  # every replica keeps every model: no affinity, plain balancing
+        one = ModelSet(_models(["a", "b"], max_models_per_replica=1), open_slot=open_slot)
+        assert await claimed(one, "a") == "a" and await claimed(one, "b") is None  # keeping one, it claims one
 
     asyncio.run(scenario())
 

@@ -180,3 +180,75 @@ def test_haproxy_sends_no_request_log_lines_unless_a_target_is_set(tmp_path, mon
         proxy.wait(timeout=10)
         backend.shutdown()
         syslog.close()
+
+
+def _replica(name: str, claims: set[str]) -> ThreadingHTTPServer:
+    """A loopback stand-in for a replica: answers its name, and claims the models in ``claims``."""
+
+    class Replica(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            model = self.headers.get("x-mlray-model") or self.path.split("/models/")[-1].split(":")[0].split("/")[0]
+            self.send_response(200)
+            self.send_header("content-length", str(len(name)))
+            if model in claims:
+                self.send_header("x-mlray-affinity", model)
+            self.end_headers()
+            self.wfile.write(name.encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Replica)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_haproxy_sends_a_claimed_models_requests_to_the_replica_that_claimed_it(tmp_path):
+    """The real HAProxy through the wrapper, in front of two stand-in replicas: requests for a model nobody
+    claims are balanced; once a replica's answer claims a model, every request for it (by V1, V2 or the
+    /invocations header) goes there; a second run of the wrapper adds nothing."""
+    import requests
+
+    from mlray.cluster.serve_env import haproxy_env
+
+    replicas = {"one": _replica("one", set()), "two": _replica("two", {"m2"})}
+    front = _free_port()
+    config = tmp_path / "haproxy.cfg"
+    servers = "".join(f"    server {name} 127.0.0.1:{server.server_address[1]}\n" for name, server in replicas.items())
+    config.write_text(CONFIG.replace("127.0.0.1:18000", f"127.0.0.1:{front}")
+                      .replace("    server replica 127.0.0.1:30002 check\n", servers)
+                      .replace(":9101", f":{_free_port()}").replace(":8404", f":{_free_port()}"))
+    wrapper = haproxy_env(tmp_path / "run")["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    rewritten = _check(wrapper, config)
+    assert rewritten.count("stick store-response res.hdr(x-mlray-affinity)") == 1
+    assert _check(wrapper, config) == rewritten
+    proxy = subprocess.Popen([wrapper, "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"})
+    base = f"http://127.0.0.1:{front}/app"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                requests.post(f"{base}/v1/models/m1:predict", json={}, timeout=2)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "HAProxy did not start"
+                time.sleep(0.1)
+        with requests.Session() as session:
+            unclaimed = {session.post(f"{base}/v1/models/m1:predict", json={}, timeout=5).text for _ in range(6)}
+            assert unclaimed == {"one", "two"}  # balanced as without affinity
+            first = [session.post(f"{base}/v1/models/m2:predict", json={}, timeout=5).text for _ in range(2)]
+            assert "two" in first  # round robin reached the claiming replica once
+            after = [session.post(f"{base}/v1/models/m2:predict", json={}, timeout=5).text for _ in range(6)]
+            after += [session.post(f"{base}/v2/models/m2/infer", json={}, timeout=5).text for _ in range(3)]
+            after += [session.post(f"{base}/invocations", json={}, headers={"x-mlray-model": "m2"}, timeout=5).text
+                      for _ in range(3)]
+            assert set(after) == {"two"}, after
+    finally:
+        proxy.kill()
+        proxy.wait(timeout=10)
+        for server in replicas.values():
+            server.shutdown()
