@@ -22,8 +22,9 @@ rendered file, then runs the real binary:
   ``x-mlray-model`` header, else the name in ``/v1/models/NAME...`` or ``/v2/models/NAME/...``) and learnt
   from answers: an answer with ``x-mlray-affinity: NAME`` sends that model's next requests to the replica
   that gave it, while it is up. Only a many-models app whose models outnumber what one replica keeps sends
-  the header (mlray/serving/multi.py), so every other app is balanced as before. The table starts empty
-  on each reload (no ``peers``), when Serve changes the replicas.
+  the header (mlray/serving/multi.py), so every other app is balanced as before, and its requests skip the
+  lookup (``table_cnt gt 0``: the table is empty). The table starts empty on each reload (no ``peers``),
+  when Serve changes the replicas.
 - ``reload-keeps-idle`` (a check; nothing to rewrite in Ray 2.60): Serve reloads HAProxy on every change of
   replicas, and the old process must not close its idle keep-alive connections, or a client sending on one
   at that instant loses its request. It keeps them and answers their next request with ``Connection:
@@ -97,8 +98,8 @@ NO_ACCESS_LOG = r"""  mark='{mark}'
 AFFINITY_MARK = "# mlray: requests for a model to the replica that claims it (mlray/_ray/haproxy.py)"
 AFFINITY_LINES = (
     f"stick-table type string len 128 size 10k expire 30m  {AFFINITY_MARK}",
-    "stick match req.hdr(x-mlray-model)",
-    "stick match path,regsub(^.*/models/,),regsub([:/].*$,) if { path_sub /models/ }",
+    "stick match req.hdr(x-mlray-model) if { table_cnt gt 0 }",
+    "stick match path,regsub(^.*/models/,),regsub([:/].*$,) if { table_cnt gt 0 } { path_sub /models/ }",
     "stick store-response res.hdr(x-mlray-affinity)",
 )
 # After every backend line but Ray's 404 backend; the mark keeps a rewritten config from getting it twice.
