@@ -195,14 +195,16 @@ def bundled_binary() -> str:
 
 
 def write_wrapper(path: Path) -> Path:
-    rules = {"prediction-header": NO_DISCONNECT_WATCH, "no-access-log": NO_ACCESS_LOG,
-             "buffer-request": BUFFER_REQUEST}
-    frontend = "".join(rules.get(rule.name, "") for rule in active_rules())
+    frontend_rules = {"prediction-header": NO_DISCONNECT_WATCH, "no-access-log": NO_ACCESS_LOG,
+                      "buffer-request": BUFFER_REQUEST}
+    backend_rules = {"model-affinity": MODEL_AFFINITY}
+    active = active_rules()
+    frontend = "".join(frontend_rules.get(rule.name, "") for rule in active)
     if frontend:
         frontend = FRONTEND_CHECK + frontend
-    frontend += MODEL_AFFINITY  # the backends
+    backends = "".join(backend_rules.get(rule.name, "") for rule in active)
     path.write_text(WRAPPER.format(written_for=WRITTEN_FOR, stats=DEFAULT_STATS_PORT, metrics=DEFAULT_METRICS_PORT,
-                                   frontend_rules=frontend, real=bundled_binary()))
+                                   frontend_rules=frontend + backends, real=bundled_binary()))
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
 
