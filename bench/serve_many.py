@@ -8,7 +8,7 @@ mlray's Serve settings; each app gets 2 replicas and is measured alone:
 - ``single``: ``model: digits`` (the baseline);
 - ``8 models``: ``models:`` tiny-00..07, round-robin; every replica pre-warms all 8 (all loaded);
 - ``12 models``: tiny-00..11 with ``max_models_per_replica: 8``: more than a replica keeps, fewer than the two
-  keep together. With model affinity (the default) each replica claims up to 8 and HAProxy sends a claimed
+  keep together. With model affinity (the default) each replica claims up to 7 and HAProxy sends a claimed
   model's requests to its replica; ``no affinity`` (``model_affinity: false``) is HAProxy's balancing alone, the
   baseline of the same run;
 - ``20 models``: tiny-00..19 with ``max_models_per_replica: 8``, round-robin: more than both replicas keep, so
