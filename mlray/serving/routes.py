@@ -16,8 +16,10 @@ Adding a route is one entry here and, if it needs one, a handler method on the c
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from types import MappingProxyType
 
 from mlray.serving import protocols
 from mlray.serving.protocols import Protocol
@@ -88,17 +90,21 @@ as HAProxy's ``path_end``."""
 
 
 @lru_cache(maxsize=4096)
-def lookup(path: str) -> tuple[tuple[Route, dict[str, str]], ...]:
-    """Every route whose path matches ``path`` (any method), with its path parameters."""
+def lookup(path: str) -> tuple[tuple[Route, Mapping[str, str]], ...]:
+    """Every route whose path matches ``path`` (any method), with its path parameters (read-only).
+
+    Cached: a replica sees the same few paths over and over, and each request asked up to three times (fast
+    path, metrics, errors), each a regex per route. Bounded, so that clients inventing paths cost nothing.
+    """
     found = []
     for route in ROUTES:
         matched = route.pattern.match(path)
         if matched:
-            found.append((route, matched.groupdict()))
+            found.append((route, MappingProxyType(matched.groupdict())))
     return tuple(found)
 
 
-def match(method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+def match(method: str, path: str) -> tuple[Route, Mapping[str, str]] | None:
     for route, params in lookup(path):
         if route.method == method:
             return route, params
