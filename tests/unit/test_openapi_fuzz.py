@@ -55,7 +55,7 @@ def served_app():
 
 @pytest.mark.slow
 def test_schemathesis_all_checks_pass(served_app, tmp_path):
-    result = run_schemathesis(f"{served_app}/openapi.json", tmp_path, key=KEY, max_examples=10, max_time_s=60)
+    result = run_schemathesis(f"{served_app}/openapi.json", tmp_path, key=KEY, max_examples=10, max_time_s=25)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "No issues found" in result.stdout or "passed" in result.stdout, result.stdout[-3000:]
 
