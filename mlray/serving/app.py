@@ -297,7 +297,7 @@ class ModelServer:
 
 
 def deployment_options(cfg: ServeAppConfig) -> dict[str, Any]:
-    """Serve-level limits derived from the app's admission settings.
+    """Serve-level options from the app's settings: limits from its admission settings, and the access log.
 
     More requests may reach a replica than it runs or queues, so that the excess is refused by the
     replica (JSON, Retry-After) instead of waiting in Serve's router; Serve's own queue limit stays as a
@@ -305,7 +305,8 @@ def deployment_options(cfg: ServeAppConfig) -> dict[str, Any]:
     """
     adm = cfg.admission
     reach = adm.max_ongoing_requests + adm.max_queued_requests + max(16, adm.max_ongoing_requests)
-    return {"max_ongoing_requests": reach, "max_queued_requests": 4 * reach}
+    return {"max_ongoing_requests": reach, "max_queued_requests": 4 * reach,
+            "logging_config": {"enable_access_log": cfg.access_log}}
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -326,6 +327,8 @@ def application(args: dict[str, Any], *, deployment_options_override: dict[str, 
     # @serve.deployment replaced the classes with Deployments; Ray's typing of the decorator does not say so.
     # one model: RegistryWatcher; many: ModelsWatcher, every model's targets and every replica's heartbeat
     watcher = cast(serve.Deployment, ModelsWatcher if cfg.models else RegistryWatcher).bind(settings)
-    options = {**deployment_options(cfg), **(deployment_options_override or {})}
+    ours, theirs = deployment_options(cfg), deployment_options_override or {}
+    # a logging_config given beside the app (log level, say) keeps the access-log choice unless it makes one
+    options = {**ours, **theirs, "logging_config": {**ours["logging_config"], **theirs.get("logging_config", {})}}
     return cast(serve.Deployment, ModelServer).options(**options).bind(settings, watcher)
 

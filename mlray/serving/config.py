@@ -166,6 +166,10 @@ class ServeAppConfig(_Section):
                     "registry and its artifact store (docs/any-model.md)")
     fast_path: bool = Field(default=True, description="answer the prediction routes ahead of FastAPI's router "
                                                       "(same handlers and errors, less CPU per request)")
+    access_log: bool = Field(default=False, description="a line per request in each replica's Serve log "
+                                                        "(logs/serve/replica_*.log); off by default: mlray's "
+                                                        "request metrics count every answer, and the line cost "
+                                                        "~5 % of a replica's CPU per single-row request")
     batching: BatchingConfig = BatchingConfig()
     follow: FollowConfig = FollowConfig()
     challenger: ChallengerConfig | None = None

@@ -68,6 +68,22 @@ def test_every_answer_is_recorded_once(fast_path):
     assert isinstance(app.build_middleware_stack(), FastPredict)  # outermost, ahead of Starlette's own
 
 
+def test_the_access_log_is_the_apps_setting_and_survives_a_logging_config_beside_it():
+    """Serve's per-request access line is off unless the app asks for it; a ``logging_config`` passed with
+    the deployment options (a log level, say) changes what it names and keeps the app's access-log choice."""
+    from mlray.serving.app import application
+
+    def logging_config(args, override=None):
+        app = application({"model": "digits", **args}, deployment_options_override=override)
+        return app._bound_deployment._deployment_config.logging_config  # what Serve's controller receives
+
+    assert logging_config({})["enable_access_log"] is False
+    assert logging_config({"access_log": True})["enable_access_log"] is True
+    debug = logging_config({"access_log": True}, {"logging_config": {"log_level": "DEBUG"}})
+    assert (debug["log_level"], debug["enable_access_log"]) == ("DEBUG", True)
+    assert logging_config({}, {"logging_config": {"enable_access_log": True}})["enable_access_log"] is True
+
+
 def test_every_table_route_is_registered_once():
     app, _ = make_app()
     registered = {(method, getattr(r, "path", "")) for r in app.routes for method in getattr(r, "methods", ()) or ()}
