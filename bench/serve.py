@@ -276,7 +276,8 @@ def main() -> None:
     parser.add_argument("--app-args", default=None, help="JSON merged into the Serve app's args")
     parser.add_argument("--replicas", type=int, default=1, help="fixed replica count (the YAML's autoscaling off)")
     parser.add_argument("--batching", choices=["on", "off"], default=None, help="default: the YAML's setting")
-    parser.add_argument("--access-log", choices=["on", "off"], default="on", help="Serve's per-request access log")
+    parser.add_argument("--access-log", choices=["on", "off"], default=None,
+                        help="Serve's per-request access log (default: the app's `access_log`, off)")
     parser.add_argument("--repeat", type=int, default=None,
                         help="extra rounds of single rows at 16 clients, mlray then plain (default 6, quick 4); "
                              "the p99 and req/s targets read the medians over all rounds")
@@ -313,8 +314,10 @@ def main() -> None:
             # The plain process is measured right after each of mlray's runs (same moment, same neighbours).
             print("Measuring mlray's Serve app" + (" and the plain FastAPI process, run by run" if reference else ""),
                   flush=True)
-            variant = {"name": "main", "batching": None if args.batching is None else args.batching == "on",
-                       "replicas": args.replicas, "access_log": args.access_log == "on"}
+            def choice(value: str | None) -> bool | None:  # None: the app's own setting
+                return None if value is None else value == "on"
+            variant = {"name": "main", "batching": choice(args.batching), "replicas": args.replicas,
+                       "access_log": choice(args.access_log)}
             serve_main = run_trial(trial_spec(
                 "main", serve_env, body=body["v1"], variants=[variant], loads=LOADS, seconds=seconds,
                 warmup_s=warmup_s, args=args, audit=True, backpressure=True,
@@ -338,7 +341,8 @@ def main() -> None:
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
         "load_before": load_before, "load_after": os.getloadavg(), "seconds": seconds,
         "wall_s": time.monotonic() - started, "version": model["version"], "replicas": args.replicas,
-        "batching": args.batching or "as the YAML", "access_log": args.access_log, "env": serve_env,
+        "batching": args.batching or "as the YAML", "access_log": args.access_log or "as the app (off)",
+        "env": serve_env,
         "env_source": env_source, "api_key": bool(args.api_key), "logs": str(logs),
     }
     text = report.render(results, serve_main=serve_main, sweep=sweep_results, context=context)

@@ -44,7 +44,7 @@ class Variant:
     batching: bool | None = None  # None: the app's setting (the YAML's `batching.enabled`)
     replicas: int = 1
     max_ongoing_requests: int | None = None  # None: what the app asks for
-    access_log: bool = True  # Serve's per-request access log line (LoggingConfig.enable_access_log)
+    access_log: bool | None = None  # Serve's per-request access log line; None: the app's `access_log` (off)
 
 
 def free_port() -> int:
@@ -74,8 +74,8 @@ def _plan_for(base: Any, variant: Variant, extra_options: dict[str, Any] | None 
     options["num_replicas"] = variant.replicas
     if variant.max_ongoing_requests is not None:
         options["max_ongoing_requests"] = variant.max_ongoing_requests
-    if not variant.access_log:
-        options["logging_config"] = {**options.get("logging_config", {}), "enable_access_log": False}
+    if variant.access_log is not None:
+        options["logging_config"] = {**options.get("logging_config", {}), "enable_access_log": variant.access_log}
     options.update(extra_options or {})
     args = base.args if variant.batching is None else _merge(base.args, {"batching": {"enabled": variant.batching}})
     return dataclasses.replace(base, args=args, deployment_options=options)
