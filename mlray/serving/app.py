@@ -329,6 +329,6 @@ def application(args: dict[str, Any], *, deployment_options_override: dict[str, 
     watcher = cast(serve.Deployment, ModelsWatcher if cfg.models else RegistryWatcher).bind(settings)
     ours, theirs = deployment_options(cfg), deployment_options_override or {}
     # a logging_config given beside the app (log level, say) keeps the access-log choice unless it makes one
-    options = {**ours, **theirs, "logging_config": {**ours["logging_config"], **theirs.get("logging_config", {})}}
+    options = {**ours, **theirs, "logging_config": {**ours["logging_config"], **(theirs.get("logging_config") or {})}}
     return cast(serve.Deployment, ModelServer).options(**options).bind(settings, watcher)
 

@@ -82,6 +82,7 @@ def test_the_access_log_is_the_apps_setting_and_survives_a_logging_config_beside
     debug = logging_config({"access_log": True}, {"logging_config": {"log_level": "DEBUG"}})
     assert (debug["log_level"], debug["enable_access_log"]) == ("DEBUG", True)
     assert logging_config({}, {"logging_config": {"enable_access_log": True}})["enable_access_log"] is True
+    assert logging_config({}, {"logging_config": None})["enable_access_log"] is False  # `logging_config:` left empty
 
 
 def test_every_table_route_is_registered_once():
