@@ -8,13 +8,12 @@ Each replica loads its versions once, warms them up, then follows the registry (
 """
 
 import asyncio
-import functools
 import inspect
 import logging
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, cast
 
 from fastapi import FastAPI, Request, Response
@@ -29,7 +28,7 @@ from mlray.serving import openapi, routes, selection
 from mlray.serving.auth import AuthMiddleware, KeyFileWatch, KeyGuard, load_key_hashes
 from mlray.serving.config import ServeAppConfig
 from mlray.serving.core import Call, PredictionCore
-from mlray.serving.fastpath import FastPredict, Record, read_limited
+from mlray.serving.fastpath import FastPredict, read_limited
 from mlray.serving.fleet import ModelsWatcher
 from mlray.serving.http import install_error_handlers, response, route_path
 from mlray.serving.loader import ServedModel
@@ -52,52 +51,42 @@ class _Replica:
     fast_path = True
 
 
-_COUNTED_HEADERS = (b"x-model-name", b"x-model-version", b"x-model-role")
-
-
-def record_answer(path: str, status: int, headers: Mapping[str, str], started: float) -> None:
-    """One answer in this replica's metrics, by the model, version and role its headers name; none for paths
-    of no protocol, nor before the replica has started."""
-    metrics = _Replica.metrics
-    if metrics is None:
-        return
-    protocol = routes.protocol_of(path)
-    if protocol == "other":
-        return
-    model = headers.get("x-model-name") or _asked_model(path)
-    version = headers.get("x-model-version", "none")
-    metrics.count_request(model, version, headers.get("x-model-role", "none"), protocol, str(status))
-    metrics.observe_latency(time.perf_counter() - started, model=model, version=version, protocol=protocol)
-
-
 class MetricsMiddleware:
-    """Records every response FastAPI gives (``record``); the fast path records its own."""
+    """Counts every response by status code and the version that answered (read from its headers)."""
 
-    def __init__(self, app: Any, *, record: Record) -> None:
+    def __init__(self, app: Any) -> None:
         self.app = app
-        self.record = record
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        metrics = _Replica.metrics
+        if scope["type"] != "http" or metrics is None:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        seen: dict[str, str] = {}
-        status = 500
+        seen: dict[str, str] = {"status": "500", "version": "none", "role": "none"}
 
         async def observe(message: Any) -> None:
-            nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
+                seen["status"] = str(message["status"])
                 for name, value in message.get("headers", ()):
-                    if name in _COUNTED_HEADERS:
-                        seen[name.decode()] = value.decode()
+                    if name == b"x-model-name":
+                        seen["model"] = value.decode()
+                    elif name == b"x-model-version":
+                        seen["version"] = value.decode()
+                    elif name == b"x-model-role":
+                        seen["role"] = value.decode()
             await send(message)
 
         try:
             await self.app(scope, receive, observe)
         finally:
-            self.record(route_path(scope), status, seen, started)
+            path = route_path(scope)
+            protocol = routes.protocol_of(path)
+            if protocol != "other":
+                model = seen.get("model") or _asked_model(path)
+                metrics.count_request(model, seen["version"], seen["role"], protocol, seen["status"])
+                metrics.observe_latency(time.perf_counter() - started, model=model, version=seen["version"],
+                                        protocol=protocol)
 
 
 def _asked_model(path: str) -> str:
@@ -143,37 +132,23 @@ def _primary(answers: Answers | None) -> PredictionCore | None:
     return answers.primary() if isinstance(answers, ModelSet) else answers  # type: ignore[return-value]
 
 
-class _API(FastAPI):
-    """FastAPI with the fast path (``fastpath.FastPredict``) in front of its whole middleware stack: the
-    prediction routes skip Starlette's error and exception middlewares, FastAPI's telemetry and body-limit
-    middlewares and mlray's own, which they do not need (bench/README.md, "A fast path in front")."""
-
-    front: Callable[[Any], Any] | None = None
-
-    def build_middleware_stack(self) -> Any:
-        stack = super().build_middleware_stack()
-        return stack if self.front is None else self.front(stack)
-
-
 def build_api(*, core: Callable[[], Answers | None], guard: Callable[[], KeyGuard],
-              fast: Callable[[], Answers | None], record: Record | None = None) -> FastAPI:
-    """The ASGI app of a replica (or of a test): the table's routes, the fast path, API keys, error handlers,
-    and, with ``record``, metrics of every answer."""
-    app = _API(title="mlray model server",
-               description="Predictions from models in the MLflow registry: V1, Open Inference Protocol V2, "
-                           "MLflow scoring.")
+              fast: Callable[[], Answers | None]) -> FastAPI:
+    """The ASGI app of a replica (or of a test): the table's routes, the fast path, API keys, error handlers."""
+    app = FastAPI(title="mlray model server",
+                  description="Predictions from models in the MLflow registry: V1, Open Inference Protocol V2, "
+                              "MLflow scoring.")
     install_error_handlers(app, protocol_of=routes.protocol_of)
     register_routes(app, core)
     openapi.install(app, core=lambda: _primary(core()), guard=guard)
+    app.add_middleware(FastPredict, core=fast)  # innermost: after the key check
     app.add_middleware(AuthMiddleware, guard=guard)
-    if record is not None:
-        app.add_middleware(MetricsMiddleware, record=record)  # outside the key check: refusals are counted too
-    app.front = functools.partial(FastPredict, core=fast, guard=guard, record=record)
     return app
 
 
 api = build_api(core=lambda: _Replica.core, guard=lambda: _Replica.guard,
-                fast=lambda: _Replica.core if _Replica.fast_path else None, record=record_answer)
+                fast=lambda: _Replica.core if _Replica.fast_path else None)
+api.add_middleware(MetricsMiddleware)  # outermost: refused keys are counted too
 
 
 class _FollowedModels:

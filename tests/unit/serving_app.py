@@ -51,11 +51,10 @@ class Versions:
         return {"targets": {"champion": self.models["champion"].info.version}}
 
 
-def make_app(*, auth: bool = False, fast_path: bool = True, record: Any = None, **settings: Any
-             ) -> tuple[Any, PredictionCore]:
+def make_app(*, auth: bool = False, fast_path: bool = True, **settings: Any) -> tuple[Any, PredictionCore]:
     cfg = ServeAppConfig.model_validate({"model": "digits", "max_rows": 16, **settings})
     core = PredictionCore(cfg, Versions({"champion": served_model()}))
     guard = KeyGuard()
     guard.configure(enabled=auth, hashes=[hash_key(KEY)] if auth else [])
-    app = build_api(core=lambda: core, guard=lambda: guard, fast=lambda: core if fast_path else None, record=record)
+    app = build_api(core=lambda: core, guard=lambda: guard, fast=lambda: core if fast_path else None)
     return app, core

@@ -20,7 +20,7 @@ from mlray.serving.app import build_api
 from mlray.serving.auth import KeyGuard, hash_key
 from mlray.serving.config import ServeAppConfig
 from mlray.serving.core import Call, PredictionCore
-from mlray.serving.fastpath import FastPredict, match
+from mlray.serving.fastpath import match
 from tests.unit.serving_app import CLASSES, FEATURES, KEY, Versions, make_app, served_model
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -49,23 +49,6 @@ def test_the_table_is_the_one_source():
     # a name never holds ":" or "/": GET on the predict path is that route's wrong method, not a model's metadata
     assert routes.match("GET", "/v1/models/digits:predict") is None
     assert routes.match("POST", "/v1/models/a/b:predict") is None
-
-
-@pytest.mark.parametrize("fast_path", [True, False], ids=["fast path", "FastAPI"])
-def test_every_answer_is_recorded_once(fast_path):
-    """The fast path sits in front of FastAPI's middlewares and records its own answers; nothing is counted
-    twice or missed, refusals included."""
-    recorded: list = []
-    app, _ = make_app(auth=True, fast_path=fast_path, record=lambda path, status, headers, started: recorded.append(
-        (path, status, headers.get("x-model-version"))))
-    client = TestClient(app)
-    assert client.post("/v1/models/digits:predict", json={"instances": ROWS}, headers=AUTH).status_code == 200
-    assert client.post("/invocations", json={"instances": ROWS}).status_code == 401
-    assert client.post("/v1/models/digits:predict", json={"rows": []}, headers=AUTH).status_code == 422
-    assert client.get("/v1/models/digits", headers=AUTH).status_code == 200
-    assert recorded == [("/v1/models/digits:predict", 200, "3"), ("/invocations", 401, None),
-                        ("/v1/models/digits:predict", 422, None), ("/v1/models/digits", 200, "3")]
-    assert isinstance(app.build_middleware_stack(), FastPredict)  # outermost, ahead of Starlette's own
 
 
 def test_the_access_log_is_the_apps_setting_and_survives_a_logging_config_beside_it():
