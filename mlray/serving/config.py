@@ -168,8 +168,8 @@ class ServeAppConfig(_Section):
                                                       "(same handlers and errors, less CPU per request)")
     access_log: bool = Field(default=False, description="a line per request in each replica's Serve log "
                                                         "(logs/serve/replica_*.log); off by default: mlray's "
-                                                        "request metrics count every answer, and the line cost "
-                                                        "~5 % of a replica's CPU per single-row request")
+                                                        "request metrics count every answer, and the line costs "
+                                                        "CPU on every request (bench/README.md)")
     batching: BatchingConfig = BatchingConfig()
     follow: FollowConfig = FollowConfig()
     challenger: ChallengerConfig | None = None
