@@ -22,6 +22,7 @@ from starlette.convertors import StringConvertor, register_url_convertor
 
 from mlray._ray import multiplex
 from mlray._ray.agent import lower_metrics_agent_priority
+from mlray._ray.ingress import lean_direct_ingress
 from mlray._ray.onewrite import write_answers_whole
 from mlray.errors import ModelLoadError
 from mlray.serving import openapi, routes, selection
@@ -49,6 +50,8 @@ class _Replica:
     model = ""
     core: ModelSet | None = None  # set once the replica has loaded its models
     fast_path = True
+    lean_ingress = False  # prediction requests take mlray/_ray/ingress.py's wrapper instead of Serve's
+
 
 
 class MetricsMiddleware:
@@ -87,6 +90,12 @@ class MetricsMiddleware:
                 metrics.count_request(model, seen["version"], seen["role"], protocol, seen["status"])
                 metrics.observe_latency(time.perf_counter() - started, model=model, version=seen["version"],
                                         protocol=protocol)
+
+
+def _serve_route(method: str, path: str) -> str | None:
+    """The route a prediction request is counted under in Serve's metrics; None for any other request."""
+    found = routes.match(method, path)
+    return found[0].fastapi_path if found is not None and found[0].predict is not None else None
 
 
 def _asked_model(path: str) -> str:
@@ -229,6 +238,9 @@ class ModelServer:
             self._spawn(self._heartbeat(self.link))
         _Replica.fast_path = self.cfg.fast_path
         _Replica.core = self.models
+        if self.cfg.lean_ingress and not self.cfg.access_log:  # the access line is written by Serve's wrapper
+            _Replica.lean_ingress = lean_direct_ingress(_serve_route)
+        self.metrics.lean_ingress.set(1.0 if _Replica.lean_ingress else 0.0)
         if auth.enabled and auth.keys_file:
             self._spawn(self._follow_keys(KeyFileWatch(keys_env=auth.keys_env, keys_file=auth.keys_file)))
 

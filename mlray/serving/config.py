@@ -170,6 +170,10 @@ class ServeAppConfig(_Section):
                                                         "(logs/serve/replica_*.log); off by default: mlray's "
                                                         "request metrics count every answer, and the line costs "
                                                         "CPU on every request (bench/README.md)")
+    lean_ingress: bool = Field(default=True, description="prediction requests skip the parts of Serve's per-request "
+                                                          "wrapper they do not use (mlray/_ray/ingress.py), for less "
+                                                          "CPU per request (bench/README.md); off, or with access_log "
+                                                          "on, every request takes Serve's own wrapper")
     batching: BatchingConfig = BatchingConfig()
     follow: FollowConfig = FollowConfig()
     challenger: ChallengerConfig | None = None

@@ -39,6 +39,9 @@ class ServingMetrics:
             tag_keys=("model", "version"))
         self.serving_version = metrics.Gauge(
             "mlray_serving_version", description="the version each role answers with", tag_keys=("model", "role"))
+        self.lean_ingress = metrics.Gauge(
+            "mlray_replica_lean_ingress", description="1 where the replica's prediction requests take mlray's "
+                                                      "lean wrapper (mlray/_ray/ingress.py), 0 where Serve's")
         self.shadow = metrics.Counter(
             "mlray_shadow_comparisons", description="shadow predictions, by whether the challenger agreed",
             tag_keys=("model", "version", "agree"))

@@ -53,6 +53,30 @@ def test_prometheus_returns_mlrays_request_counts_during_load(monitored):
     assert float(series[0]["value"][1]) <= load.count()  # counted, never invented
 
 
+def test_predictions_take_the_lean_wrapper_and_serves_own_metrics_still_count_them(monitored):
+    """mlray/_ray/ingress.py answers prediction requests in place of Serve's per-request wrapper; Serve's request
+    and ingress counters (what the Ray dashboard's Serve view plots) count them under the route Serve names."""
+    from mlray.cluster.monitoring import query
+
+    url, running, _ = monitored
+    lean = wait_for(lambda: query(running.url, 'ray_mlray_replica_lean_ingress{application="mon"}'),
+                    timeout=120, what="each replica's lean-ingress gauge")
+    assert [float(s["value"][1]) for s in lean] == [1.0] * len(lean)
+    route = "/mon/v1/models/{name:model}:predict"
+    counters = {
+        "requests": f'sum(ray_serve_deployment_request_counter_total{{application="mon", route="{route}"}})',
+        "ingress": f'sum(ray_serve_num_http_requests_total{{application="mon", route="{route}", '
+                   f'status_code="200"}})',
+    }
+    before = {name: sum(float(s["value"][1]) for s in query(running.url, q)) for name, q in counters.items()}
+    with SteadyLoad(f"{url}/v1/models/mon:predict", row=ROW, threads=1, pause_s=0.01) as load:
+        for name, promql in counters.items():
+            wait_for(lambda q=promql, n=name: [s for s in query(running.url, q)
+                                               if float(s["value"][1]) >= before[n] + 20],
+                     timeout=120, what=f"Serve's {name} counter for the predict route")
+        assert load.failures() == []
+
+
 def test_load_failure_alert_fires_when_a_replica_fails_to_load(monitored):
     from mlray.cluster.monitoring import firing_alerts
     from mlray.registry import promote
