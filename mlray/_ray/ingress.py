@@ -11,13 +11,14 @@ routes, and an access-log record built even when the line is off.
 other request to Serve's. It keeps what a request needs from Serve: admission and the ongoing-request slot
 (Serve's own ``_can_accept_request``, ``_track_queued_request`` and ``_start_request``), the request context,
 Serve's request and ingress metrics (its own recording calls), the log line and ``_on_request_failed`` of a
-request whose app raised. It leaves out the access line, which it takes only where that line is off.
+request whose app raised. What it leaves out is the access line: while Serve's logging config has that line
+on (``enable_access_log``, the app's ``access_log``), every request takes Serve's wrapper.
 
 A request goes to Serve's wrapper unless all of these hold: it is HTTP on a route mlray says is a prediction
 route (under the app's route prefix), HAProxy said the client's disconnects need no watching
 (``x-request-disconnect-disabled: ?1``, as Serve's own short path requires), no timeout applies, it carries no
 trace and no session id, tracing is off, and user code runs on the replica's loop
-(``RAY_SERVE_THROUGHPUT_OPTIMIZED``). mlray installs it only where the app's access log is off.
+(``RAY_SERVE_THROUGHPUT_OPTIMIZED``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ _PATCHED = "__mlray_lean_ingress__"
 RELIED_ON = frozenset({"_can_accept_request", "_track_queued_request", "_start_request", "_metrics_manager",
                        "_user_callable_wrapper", "_run_user_code_in_separate_thread", "_user_callable_asgi_app",
                        "_route_prefix", "_deployment_id", "_http_options", "_on_request_cancelled",
-                       "_on_request_failed", "record_request_metrics", "record_ingress_request_metrics"})
+                       "_on_request_failed", "record_request_metrics", "record_ingress_request_metrics",
+                       "_deployment_config"})
 
 _DISCONNECT_DISABLED = b"x-request-disconnect-disabled"
 _REQUEST_ID = b"x-request-id"
@@ -69,6 +71,15 @@ def lean_direct_ingress(route_of: Callable[[str, str], str | None]) -> bool:
         return False
     cls._direct_ingress_asgi = _lean(original, route_of, serve_replica)  # type: ignore[method-assign]
     return True
+
+
+def _access_log_on(logging_config: Any) -> bool:
+    """Whether Serve writes this replica's access lines (its ``LoggingConfig.enable_access_log``, default on)."""
+    if logging_config is None:
+        return True
+    if isinstance(logging_config, dict):
+        return bool(logging_config.get("enable_access_log", True))
+    return bool(logging_config.enable_access_log)
 
 
 def missing(module: Any) -> set[str]:
@@ -106,6 +117,7 @@ def _lean(original: Any, route_of: Callable[[str, str], str | None], serve_repli
     async def direct_ingress(self: Any, scope: Any, receive: Any, send: Any) -> None:
         prefix = self._route_prefix
         if (scope["type"] != "http" or scope.get("root_path") or not prefix
+                or _access_log_on(self._deployment_config.logging_config)
                 or self._user_callable_wrapper._run_user_code_in_separate_thread
                 or self._http_options.request_timeout_s is not None or is_tracing_enabled()):
             return await original(self, scope, receive, send)

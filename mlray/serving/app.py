@@ -238,7 +238,7 @@ class ModelServer:
             self._spawn(self._heartbeat(self.link))
         _Replica.fast_path = self.cfg.fast_path
         _Replica.core = self.models
-        if self.cfg.lean_ingress and not self.cfg.access_log:  # the access line is written by Serve's wrapper
+        if self.cfg.lean_ingress:  # while Serve's access log is on, requests still take Serve's wrapper
             _Replica.lean_ingress = lean_direct_ingress(_serve_route)
         self.metrics.lean_ingress.set(1.0 if _Replica.lean_ingress else 0.0)
         if auth.enabled and auth.keys_file:

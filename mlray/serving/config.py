@@ -172,8 +172,9 @@ class ServeAppConfig(_Section):
                                                         "CPU on every request (bench/README.md)")
     lean_ingress: bool = Field(default=True, description="prediction requests skip the parts of Serve's per-request "
                                                           "wrapper they do not use (mlray/_ray/ingress.py), for less "
-                                                          "CPU per request (bench/README.md); off, or with access_log "
-                                                          "on, every request takes Serve's own wrapper")
+                                                          "CPU per request (bench/README.md); off, or while Serve's "
+                                                          "access log is on, every request takes Serve's own "
+                                                          "wrapper")
     batching: BatchingConfig = BatchingConfig()
     follow: FollowConfig = FollowConfig()
     challenger: ChallengerConfig | None = None

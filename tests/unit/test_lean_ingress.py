@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from ray.serve._private import replica as serve_replica
 from ray.serve._private.thirdparty.get_asgi_route_name import get_asgi_route_name
+from ray.serve.schema import LoggingConfig
 
 from mlray._ray import ingress
 from mlray.serving import routes
@@ -61,6 +62,7 @@ class StandIn:
         self._deployment_id = types.SimpleNamespace(app_name="digits", name="ModelServer")
         self._user_callable_wrapper = types.SimpleNamespace(_run_user_code_in_separate_thread=False)
         self._http_options = types.SimpleNamespace(request_timeout_s=None)
+        self._deployment_config = types.SimpleNamespace(logging_config={"enable_access_log": False})
         self._metrics_manager = Metrics()
         self._semaphore = asyncio.Semaphore(max_ongoing)
         self._num_queued_requests = 0
@@ -186,6 +188,21 @@ def test_everything_else_takes_serves_own_wrapper(lean, request_):
     run(wrapper, replica, request_)
     assert to_serve == [request_["path"]]
     assert replica._metrics_manager.requests == []
+
+
+@pytest.mark.parametrize("logging_config", [None, {}, {"enable_access_log": True}, LoggingConfig()],
+                         ids=["none", "empty", "on", "serves-default"])
+def test_while_serves_access_log_is_on_every_request_takes_serves_wrapper(lean, logging_config):
+    wrapper, to_serve = lean
+    app, holder = answering()
+    replica = StandIn(app)
+    holder.append(replica)
+    replica._deployment_config.logging_config = logging_config
+    run(wrapper, replica, scope())
+    assert to_serve == [PREDICT]
+    replica._deployment_config.logging_config = LoggingConfig(enable_access_log=False)
+    run(wrapper, replica, scope())
+    assert to_serve == [PREDICT]  # the second took the lean wrapper
 
 
 def test_a_request_serves_admission_refuses_gets_serves_backpressure_answer(lean):
