@@ -13,6 +13,8 @@ the installed Ray differs or when the item finds nothing to act on:
 - :mod:`mlray._ray.agent`: lowering the priority of this node's Ray metrics agent (opt-in).
 - :mod:`mlray._ray.multiplex`: what a replica's LRU of models (``serve.multiplexed``) holds, and which one
   it evicts next (model affinity makes an unclaimed model the first out).
+- :mod:`mlray._ray.ingress`: a lean wrapper in front of Serve's per-request direct-ingress wrapper for the
+  prediction routes (Serve's own admission, ongoing-request slot and request metrics, no access-log record).
 - :mod:`mlray._ray.onewrite`: a replica's uvicorn (Serve's direct ingress) sends each answer's head and
   body in one write, so a replica killed mid-answer sends nothing HAProxy cannot replay.
 
