@@ -53,7 +53,6 @@ class _Replica:
     lean_ingress = False  # prediction requests take mlray/_ray/ingress.py's wrapper instead of Serve's
 
 
-
 class MetricsMiddleware:
     """Counts every response by status code and the version that answered (read from its headers)."""
 
