@@ -10,8 +10,11 @@ The bench plots come from ``docs/plot_bench.py`` (results already in bench/resul
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,20 +55,35 @@ def chromium() -> str:
                          "(.ci/run installs it)")
 
 
-def screenshot(url: str, into: Path, *, wait_ms: int = 5000, size: str = "1280,800") -> Path:
+def screenshot(url: str, into: Path, *, wait_ms: int = 5000, size: str = "1280,800", attempts: int = 3,
+               attempt_s: float = 75.0) -> Path:
     """A PNG of ``url`` as headless Chromium renders it after ``wait_ms`` of (virtual) page time, once the
-    server answers (a server that says it is listening may still be starting its workers)."""
+    server answers (a server that says it is listening may still be starting its workers).
+
+    Chromium can hang on a loaded machine: in CI (stop 28) one run on the MLflow UI had not finished after
+    120 s where it usually takes seconds. Each attempt runs in its own process group with its own profile and
+    is killed whole (renderers and all) after ``attempt_s``; the next starts afresh."""
     wait_for(lambda: _answers(url), timeout=180, what=f"{url} answering")
     into.unlink(missing_ok=True)
-    done = subprocess.run(
-        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         "--disable-dev-shm-usage", f"--window-size={size}", f"--virtual-time-budget={wait_ms}",
-         f"--screenshot={into}", url],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert into.exists() and into.stat().st_size > 10_000, (
-        f"no screenshot of {url} (chromium exit {done.returncode}): {done.stderr[-2000:]}")
-    return into
+    failures = []
+    for attempt in range(1, attempts + 1):
+        with tempfile.TemporaryDirectory(prefix="mlray-chromium-") as profile:
+            browser = subprocess.Popen(
+                [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                 "--disable-dev-shm-usage", "--no-first-run", f"--user-data-dir={profile}",
+                 f"--window-size={size}", f"--virtual-time-budget={wait_ms}", f"--screenshot={into}", url],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            try:
+                _, stderr = browser.communicate(timeout=attempt_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(browser.pid, signal.SIGKILL)
+                _, stderr = browser.communicate()
+                failures.append(f"attempt {attempt}: no picture after {attempt_s:.0f} s, killed")
+                continue
+        if into.exists() and into.stat().st_size > 10_000:
+            return into
+        failures.append(f"attempt {attempt}: chromium exit {browser.returncode}: {stderr[-1500:]}")
+    raise AssertionError(f"no screenshot of {url} in {attempts} attempts:\n" + "\n".join(failures))
 
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-encoding", "content-length", "host"}
