@@ -341,6 +341,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # One intra-op thread per CPU the worker was given: more threads than cores oversubscribes the node.
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     ctx = ray.train.get_context()
+    # First: every rank must ask for its shards before any gets them, and the first ask starts Ray Data's
+    # split coordinators (one process each, ~3 s on 2 cores). Asked here, they start while the workers build
+    # the model and rank 0 opens its MLflow logger, instead of after (bench/train_startup.py --compare).
+    shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val", "test")}
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
     model: nn.Module  # a StandardizedModel, then DDP-wrapped by prepare_model below
@@ -369,7 +373,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         epoch_logger.sync(history)  # fill in epochs a failed attempt checkpointed but did not log
 
     task, label_dtype = cfg.task, torch.int64 if cfg.task == "classification" else torch.float32
-    shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val", "test")}
     for epoch in range(start_epoch, cfg.epochs):
         train_batches = _batches(shards["train"], batch_size=cfg.batch_size, device=device,
                                  shuffle_seed=cfg.seed * 1000 + epoch, label_dtype=label_dtype)
