@@ -343,7 +343,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     ctx = ray.train.get_context()
     # First: every rank must ask for its shards before any gets them, and the first ask starts Ray Data's
     # split coordinators (one process each, ~3 s on 2 cores). Asked here, they start while the workers build
-    # the model and rank 0 opens its MLflow logger, instead of after (bench/train_startup.py --compare).
+    # the model and rank 0 opens its MLflow logger, instead of after (bench/README.md, train_startup section).
     shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val", "test")}
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()

@@ -77,8 +77,8 @@ def screenshot(url: str, into: Path, *, wait_ms: int = 5000, size: str = "1280,8
                 _, stderr = browser.communicate(timeout=attempt_s)
             except subprocess.TimeoutExpired:
                 os.killpg(browser.pid, signal.SIGKILL)
-                _, stderr = browser.communicate()
-                failures.append(f"attempt {attempt}: no picture after {attempt_s:.0f} s, killed")
+                browser.communicate()  # reaped
+                failures.append(f"attempt {attempt}: no picture after {attempt_s:g} s, killed")
                 continue
         if into.exists() and into.stat().st_size > 10_000:
             return into
